@@ -1,0 +1,112 @@
+//! The crate's error: one variant per stage, each stage's error typed in its own module.
+//!
+//! Every error answers three questions the CLI and the pipeline need:
+//! - [`Error::is_retryable`]: may the same operation succeed if tried again (a restarted server,
+//!   a network blip, a destination outage), or will it fail the same way until an operator acts
+//!   (bad config, missing grant, dropped slot)?
+//! - [`Error::hint`]: the one sentence telling the operator what to do.
+//! - [`Error::exit_code`]: the process exit code of DESIGN.md §3 (1 runtime, 2 config, 3 preflight).
+
+use crate::config::ConfigError;
+use crate::decode::DecodeError;
+use crate::postgres::PgError;
+use crate::sink::SinkError;
+use crate::source::SourceError;
+
+/// Process exit codes (DESIGN.md §3).
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// A runtime failure.
+    pub const RUNTIME: i32 = 1;
+    /// Bad config or usage.
+    pub const CONFIG: i32 = 2;
+    /// A preflight check failed.
+    pub const PREFLIGHT: i32 = 3;
+}
+
+/// Any error slotstream reports.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config file or an override is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The control-plane connection or one of its queries failed.
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    /// `check` found failures (already printed, one line each).
+    #[error("{failed} of {total} preflight checks failed")]
+    PreflightFailed {
+        /// How many checks failed.
+        failed: usize,
+        /// How many ran.
+        total: usize,
+    },
+    /// A pgoutput message could not be decoded.
+    #[error("cannot decode the replication stream: {0}")]
+    Decode(#[from] DecodeError),
+    /// The replication session or the full sync failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The destination refused or failed.
+    #[error("delivery failed: {0}")]
+    Sink(#[from] SinkError),
+    /// A task of slotstream itself failed (a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The table cannot be mapped to events as configured.
+    #[error("{message}")]
+    Mapping {
+        /// What is wrong.
+        message: String,
+        /// What to do.
+        hint: String,
+    },
+}
+
+impl Error {
+    /// Whether the same operation may succeed when retried without operator action.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Postgres(e) => e.is_retryable(),
+            Error::Source(e) => e.is_retryable(),
+            Error::Sink(e) => e.is_retryable(),
+            Error::Internal(_) => false,
+            Error::Config(_)
+            | Error::PreflightFailed { .. }
+            | Error::Decode(_)
+            | Error::Mapping { .. } => false,
+        }
+    }
+
+    /// What the operator should do about it.
+    pub fn hint(&self) -> String {
+        match self {
+            Error::Config(e) => e.hint(),
+            Error::Postgres(e) => e.hint(),
+            Error::PreflightFailed { .. } => {
+                "fix each failed check with the SQL or setting printed beside it, then run `slotstream check` again".into()
+            }
+            Error::Decode(_) => {
+                "this is a bug or an unsupported server: report it with the message above; nothing was acknowledged, so a fixed version resumes without loss".into()
+            }
+            Error::Mapping { hint, .. } => hint.clone(),
+            Error::Source(e) => e.hint(),
+            Error::Sink(e) => e.hint(),
+            Error::Internal(_) => "this is a bug: report it with the message above; nothing unconfirmed was acknowledged".into(),
+        }
+    }
+
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => exit::CONFIG,
+            Error::PreflightFailed { .. } | Error::Mapping { .. } => exit::PREFLIGHT,
+            Error::Postgres(_)
+            | Error::Decode(_)
+            | Error::Source(_)
+            | Error::Sink(_)
+            | Error::Internal(_) => exit::RUNTIME,
+        }
+    }
+}

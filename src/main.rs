@@ -1,0 +1,87 @@
+//! The `slotstream` binary: parse the command line, load the config, run the command, and turn
+//! any error into one clear sentence, a hint and an exit code (DESIGN.md §3).
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use slotstream::cli::{Cli, Command, LogFormat};
+use slotstream::config::Config;
+use slotstream::error::{Error, exit};
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+    }
+}
+
+async fn run(command: Command) -> Result<i32, Error> {
+    match command {
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            slotstream::postgres::preflight::run_check(&config).await?;
+            Ok(exit::OK)
+        }
+        Command::Preview { config, limit } => {
+            let config = Config::load(&config)?;
+            slotstream::preview::run(&config, limit).await?;
+            Ok(exit::OK)
+        }
+        Command::Run { config, once } => {
+            let config = Config::load(&config)?;
+            slotstream::pipeline::run(&config, once).await?;
+            Ok(exit::OK)
+        }
+        Command::Status { config, json } => {
+            let config = Config::load(&config)?;
+            slotstream::status::run(&config, json).await?;
+            Ok(exit::OK)
+        }
+        Command::Resync { config } => {
+            let config = Config::load(&config)?;
+            slotstream::status::resync(&config).await?;
+            Ok(exit::OK)
+        }
+        Command::Teardown { config, yes } => {
+            let config = Config::load(&config)?;
+            slotstream::status::teardown(&config, yes).await?;
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::CONFIG } else { exit::OK };
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::RUNTIME as u8);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!("hint: {}", e.hint());
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

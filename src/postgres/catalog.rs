@@ -1,0 +1,120 @@
+//! Catalog queries about the followed table. Names are passed as parameters, never spliced
+//! into SQL, so odd identifiers (quotes, unicode, reserved words) need no special care here.
+
+use tokio_postgres::Client;
+
+use super::PgError;
+
+/// One column of the table as the catalog describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    /// Column name.
+    pub name: String,
+    /// Type OID (`atttypid`), the same OID pgoutput's Relation message carries.
+    pub type_oid: u32,
+    /// `format_type(atttypid, atttypmod)`, for people.
+    pub type_name: String,
+    /// Part of the primary key.
+    pub primary_key: bool,
+    /// Part of the replica identity (the key pgoutput sends for updates and deletes).
+    pub replica_identity: bool,
+    /// Stored out of line when large (`attstorage` x or e): an update that leaves it unchanged
+    /// sends no value for it unless REPLICA IDENTITY FULL.
+    pub toastable: bool,
+}
+
+/// The followed table.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// `pg_class.oid`.
+    pub oid: u32,
+    /// Schema name.
+    pub schema: String,
+    /// Table name.
+    pub name: String,
+    /// Live columns in attnum order.
+    pub columns: Vec<Column>,
+    /// `relreplident`: `d` default (primary key), `n` nothing, `f` full, `i` index.
+    pub replica_identity: char,
+    /// The planner's row estimate (`reltuples`), -1 when never analyzed.
+    pub estimated_rows: i64,
+}
+
+impl Table {
+    /// The column with this exact name.
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Column names, comma-separated, for messages.
+    pub fn column_list(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Reads the table's shape, or `None` when it does not exist (or is not visible to the role).
+pub async fn table(client: &Client, schema: &str, name: &str) -> Result<Option<Table>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text, c.reltuples::int8
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&schema, &name],
+        )
+        .await
+        .map_err(|e| PgError::query("looking up the table", e))?;
+    let Some(row) = row else { return Ok(None) };
+    let oid: u32 = row.get(0);
+    let replica_identity = row
+        .get::<_, String>(1)
+        .chars()
+        .next()
+        .unwrap_or('d');
+    let estimated_rows: i64 = row.get(2);
+    let rows = client
+        .query(
+            "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod),
+                    coalesce(a.attnum = ANY(pk.indkey), false),
+                    coalesce(a.attnum = ANY(ri.indkey), false),
+                    a.attstorage IN ('x', 'e')
+               FROM pg_attribute a
+               LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary
+               LEFT JOIN pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident
+              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the table's columns", e))?;
+    let mut columns: Vec<Column> = rows
+        .iter()
+        .map(|r| Column {
+            name: r.get(0),
+            type_oid: r.get(1),
+            type_name: r.get(2),
+            primary_key: r.get(3),
+            replica_identity: false,
+            toastable: r.get(5),
+        })
+        .collect();
+    for (col, r) in columns.iter_mut().zip(rows.iter()) {
+        col.replica_identity = match replica_identity {
+            'f' => true,
+            'i' => r.get(4),
+            'd' => col.primary_key,
+            _ => false,
+        };
+    }
+    Ok(Some(Table {
+        oid,
+        schema: schema.to_owned(),
+        name: name.to_owned(),
+        columns,
+        replica_identity,
+        estimated_rows,
+    }))
+}

@@ -1,0 +1,381 @@
+//! The pipeline's state in the `_rudderstack` schema (DESIGN.md §6), created and migrated by
+//! slotstream itself.
+//!
+//! - `cdc_checkpoints`: one row per pipeline. `lsn` is the position up to which every change is
+//!   durably delivered; the UPDATE that moves it carries `WHERE lsn <= new`, so it never moves
+//!   backward whatever the caller does (invariant 2).
+//! - `cdc_sync_runs`: one row per checkpointed stretch of delivery (the user's sync history).
+//! - `cdc_dead_letters`: rows that could not become events, with the reason.
+//!
+//! Migrations are numbered; each runs once, in a transaction, under an advisory lock so two
+//! processes starting together do not race. The seed's grants (`GRANT ALL ON SCHEMA
+//! "_rudderstack"`) are enough to create everything here.
+
+use tokio_postgres::Client;
+use tokio_postgres::types::PgLsn;
+
+use super::PgError;
+use crate::Lsn;
+
+/// Advisory lock key that serialises migrations (any fixed number unique to slotstream).
+const MIGRATION_LOCK: i64 = 0x5106_5173_7265_616d;
+
+/// The numbered migrations, applied in order.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE "_rudderstack".cdc_checkpoints (
+    pipeline         text PRIMARY KEY,
+    slot             text NOT NULL,
+    publication      text NOT NULL,
+    schema_name      text NOT NULL,
+    table_name       text NOT NULL,
+    lsn              pg_lsn NOT NULL DEFAULT '0/0',
+    mapping_hash     text,
+    full_sync_state  text NOT NULL DEFAULT 'pending'
+                     CHECK (full_sync_state IN ('pending', 'running', 'done')),
+    full_sync_lsn    pg_lsn,
+    full_sync_rows   bigint NOT NULL DEFAULT 0,
+    resync_requested boolean NOT NULL DEFAULT false,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE "_rudderstack".cdc_sync_runs (
+    id          bigserial PRIMARY KEY,
+    pipeline    text NOT NULL,
+    kind        text NOT NULL CHECK (kind IN ('snapshot', 'stream')),
+    start_lsn   pg_lsn,
+    end_lsn     pg_lsn,
+    rows        bigint NOT NULL DEFAULT 0,
+    events      bigint NOT NULL DEFAULT 0,
+    dead_letters bigint NOT NULL DEFAULT 0,
+    status      text NOT NULL CHECK (status IN ('running', 'succeeded', 'failed')),
+    error       text,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+CREATE INDEX cdc_sync_runs_pipeline_idx ON "_rudderstack".cdc_sync_runs (pipeline, id DESC);
+CREATE TABLE "_rudderstack".cdc_dead_letters (
+    id         bigserial PRIMARY KEY,
+    pipeline   text NOT NULL,
+    lsn        pg_lsn,
+    op         text NOT NULL,
+    reason     text NOT NULL,
+    payload    jsonb,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX cdc_dead_letters_pipeline_idx ON "_rudderstack".cdc_dead_letters (pipeline, id);
+"#,
+)];
+
+/// Where the first full sync stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullSyncState {
+    /// Not started.
+    Pending,
+    /// Started, not finished: the next run starts it again.
+    Running,
+    /// Finished: the stream resumes at the checkpoint.
+    Done,
+}
+
+impl FullSyncState {
+    fn parse(s: &str) -> FullSyncState {
+        match s {
+            "done" => FullSyncState::Done,
+            "running" => FullSyncState::Running,
+            _ => FullSyncState::Pending,
+        }
+    }
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FullSyncState::Pending => "pending",
+            FullSyncState::Running => "running",
+            FullSyncState::Done => "done",
+        }
+    }
+}
+
+/// One pipeline's checkpoint row.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Slot the pipeline reads.
+    pub slot: String,
+    /// Delivered-and-durable position.
+    pub lsn: Lsn,
+    /// Hash of the mapping the last full sync used.
+    pub mapping_hash: Option<String>,
+    /// Full-sync progress.
+    pub full_sync_state: FullSyncState,
+    /// The snapshot position of the current (or last) full sync.
+    pub full_sync_lsn: Option<Lsn>,
+    /// `slotstream resync` was run.
+    pub resync_requested: bool,
+}
+
+/// A dead letter: a row that could not be sent, and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Commit LSN (or snapshot LSN) of the row.
+    pub lsn: Lsn,
+    /// insert / update / delete / snapshot.
+    pub op: &'static str,
+    /// Why it was not sent.
+    pub reason: String,
+    /// The row's traits as they would have been sent.
+    pub payload: serde_json::Value,
+}
+
+fn lsn_param(lsn: Lsn) -> PgLsn {
+    PgLsn::from(lsn.as_u64())
+}
+
+fn lsn_from(v: PgLsn) -> Lsn {
+    Lsn::from_u64(u64::from(v))
+}
+
+/// Creates the state tables, or brings them to the newest version.
+pub async fn migrate(client: &mut Client) -> Result<(), PgError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| PgError::query("starting the _rudderstack migration", e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| PgError::query("locking the _rudderstack migration", e))?;
+    tx.batch_execute(
+        r#"CREATE TABLE IF NOT EXISTS "_rudderstack".cdc_schema_migrations (
+               version    int PRIMARY KEY,
+               applied_at timestamptz NOT NULL DEFAULT now())"#,
+    )
+    .await
+    .map_err(|e| PgError::query("creating _rudderstack.cdc_schema_migrations", e))?;
+    let current: i32 = tx
+        .query_one(
+            r#"SELECT coalesce(max(version), 0) FROM "_rudderstack".cdc_schema_migrations"#,
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the state schema version", e))?
+        .get(0);
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| PgError::query(format!("applying state migration {version}"), e))?;
+        tx.execute(
+            r#"INSERT INTO "_rudderstack".cdc_schema_migrations (version) VALUES ($1)"#,
+            &[version],
+        )
+        .await
+        .map_err(|e| PgError::query("recording the state migration", e))?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| PgError::query("committing the _rudderstack migration", e))
+}
+
+/// Reads the pipeline's checkpoint row, if there is one (tolerates missing state tables).
+pub async fn load(client: &Client, pipeline: &str) -> Result<Option<Checkpoint>, PgError> {
+    let exists: bool = client
+        .query_one(
+            r#"SELECT to_regclass('"_rudderstack".cdc_checkpoints') IS NOT NULL"#,
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::query("looking for the state tables", e))?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            r#"SELECT pipeline, slot, lsn, mapping_hash, full_sync_state, full_sync_lsn,
+                      resync_requested
+                 FROM "_rudderstack".cdc_checkpoints WHERE pipeline = $1"#,
+            &[&pipeline],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the checkpoint", e))?;
+    Ok(row.map(|r| Checkpoint {
+        pipeline: r.get(0),
+        slot: r.get(1),
+        lsn: lsn_from(r.get(2)),
+        mapping_hash: r.get(3),
+        full_sync_state: FullSyncState::parse(r.get::<_, &str>(4)),
+        full_sync_lsn: r.get::<_, Option<PgLsn>>(5).map(lsn_from),
+        resync_requested: r.get(6),
+    }))
+}
+
+/// Inserts the checkpoint row for a new pipeline (no-op when it exists) and returns it.
+pub async fn ensure(
+    client: &Client,
+    pipeline: &str,
+    slot: &str,
+    publication: &str,
+    schema: &str,
+    table: &str,
+) -> Result<Checkpoint, PgError> {
+    client
+        .execute(
+            r#"INSERT INTO "_rudderstack".cdc_checkpoints
+                   (pipeline, slot, publication, schema_name, table_name)
+               VALUES ($1, $2, $3, $4, $5)
+               ON CONFLICT (pipeline) DO UPDATE
+                  SET slot = EXCLUDED.slot, publication = EXCLUDED.publication,
+                      schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name"#,
+            &[&pipeline, &slot, &publication, &schema, &table],
+        )
+        .await
+        .map_err(|e| PgError::query("creating the checkpoint row", e))?;
+    load(client, pipeline).await?.ok_or_else(|| PgError::Query {
+        what: "reading the checkpoint row just written".into(),
+        detail: "the row is not there".into(),
+        code: None,
+    })
+}
+
+/// Marks a full sync as started at `snapshot_lsn` with `mapping_hash`. The checkpoint LSN is
+/// reset to the snapshot position: the new slot starts there.
+pub async fn begin_full_sync(
+    client: &Client,
+    pipeline: &str,
+    snapshot_lsn: Lsn,
+    mapping_hash: &str,
+) -> Result<(), PgError> {
+    client
+        .execute(
+            r#"UPDATE "_rudderstack".cdc_checkpoints
+                  SET full_sync_state = 'running', full_sync_lsn = $2, full_sync_rows = 0,
+                      mapping_hash = $3, lsn = $2, resync_requested = false, updated_at = now()
+                WHERE pipeline = $1"#,
+            &[&pipeline, &lsn_param(snapshot_lsn), &mapping_hash],
+        )
+        .await
+        .map_err(|e| PgError::query("recording the start of the full sync", e))?;
+    Ok(())
+}
+
+/// Marks the full sync done: from here on a restart resumes the stream, never repeats it.
+pub async fn finish_full_sync(client: &Client, pipeline: &str, rows: i64) -> Result<(), PgError> {
+    client
+        .execute(
+            r#"UPDATE "_rudderstack".cdc_checkpoints
+                  SET full_sync_state = 'done', full_sync_rows = $2, updated_at = now()
+                WHERE pipeline = $1"#,
+            &[&pipeline, &rows],
+        )
+        .await
+        .map_err(|e| PgError::query("recording the end of the full sync", e))?;
+    Ok(())
+}
+
+/// Asks for a full sync on the next run.
+pub async fn request_resync(client: &Client, pipeline: &str) -> Result<bool, PgError> {
+    let n = client
+        .execute(
+            r#"UPDATE "_rudderstack".cdc_checkpoints
+                  SET resync_requested = true, updated_at = now() WHERE pipeline = $1"#,
+            &[&pipeline],
+        )
+        .await
+        .map_err(|e| PgError::query("requesting a resync", e))?;
+    Ok(n > 0)
+}
+
+/// What one checkpoint commits: the new position, the dead letters met on the way, and the
+/// sync-run record of the stretch it closes.
+#[derive(Debug, Clone)]
+pub struct CheckpointCommit {
+    /// Previous checkpoint.
+    pub from: Lsn,
+    /// New checkpoint.
+    pub to: Lsn,
+    /// `snapshot` or `stream`.
+    pub kind: &'static str,
+    /// Rows read in the stretch.
+    pub rows: i64,
+    /// Events delivered in the stretch.
+    pub events: i64,
+    /// Rows dead-lettered in the stretch.
+    pub dead_letters: Vec<DeadLetter>,
+    /// When the stretch started (µs since the Unix epoch).
+    pub started_unix_micros: i64,
+}
+
+/// Commits one checkpoint in one transaction: dead letters, the sync run, and the forward-only
+/// move of `lsn`. Returns the checkpoint now stored (which is `to` unless it was already ahead).
+pub async fn commit_checkpoint(
+    client: &mut Client,
+    pipeline: &str,
+    c: &CheckpointCommit,
+) -> Result<Lsn, PgError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| PgError::query("starting the checkpoint transaction", e))?;
+    for d in &c.dead_letters {
+        tx.execute(
+            r#"INSERT INTO "_rudderstack".cdc_dead_letters (pipeline, lsn, op, reason, payload)
+               VALUES ($1, $2, $3, $4, $5)"#,
+            &[&pipeline, &lsn_param(d.lsn), &d.op, &d.reason, &d.payload],
+        )
+        .await
+        .map_err(|e| PgError::query("writing a dead letter", e))?;
+    }
+    if c.rows > 0 || c.events > 0 || !c.dead_letters.is_empty() {
+        let dead = c.dead_letters.len() as i64;
+        tx.execute(
+            r#"INSERT INTO "_rudderstack".cdc_sync_runs
+                   (pipeline, kind, start_lsn, end_lsn, rows, events, dead_letters, status,
+                    started_at, finished_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, 'succeeded',
+                       to_timestamp($8::float8 / 1e6), now())"#,
+            &[
+                &pipeline,
+                &c.kind,
+                &lsn_param(c.from),
+                &lsn_param(c.to),
+                &c.rows,
+                &c.events,
+                &dead,
+                &(c.started_unix_micros as f64),
+            ],
+        )
+        .await
+        .map_err(|e| PgError::query("recording the sync run", e))?;
+    }
+    let stored: PgLsn = tx
+        .query_one(
+            r#"UPDATE "_rudderstack".cdc_checkpoints
+                  SET lsn = greatest(lsn, $2), updated_at = now()
+                WHERE pipeline = $1
+            RETURNING lsn"#,
+            &[&pipeline, &lsn_param(c.to)],
+        )
+        .await
+        .map_err(|e| PgError::query("moving the checkpoint", e))?
+        .get(0);
+    tx.commit()
+        .await
+        .map_err(|e| PgError::query("committing the checkpoint", e))?;
+    Ok(lsn_from(stored))
+}
+
+/// Deletes the pipeline's state rows (teardown).
+pub async fn delete_pipeline(client: &Client, pipeline: &str) -> Result<(), PgError> {
+    for table in ["cdc_checkpoints", "cdc_sync_runs", "cdc_dead_letters"] {
+        client
+            .execute(
+                &format!(r#"DELETE FROM "_rudderstack".{table} WHERE pipeline = $1"#),
+                &[&pipeline],
+            )
+            .await
+            .map_err(|e| PgError::query(format!("deleting from _rudderstack.{table}"), e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! `slotstream status`, `resync` and `teardown`: what the operator asks of a pipeline's state.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::postgres::{self, PgError, state};
+use crate::source::stream;
+
+/// The status report (`--json` prints it as is).
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Slot name.
+    pub slot: String,
+    /// Whether the slot exists.
+    pub slot_exists: bool,
+    /// Whether a process is reading it.
+    pub slot_active: bool,
+    /// The slot's `wal_status`.
+    pub wal_status: Option<String>,
+    /// The slot's confirmed flush position.
+    pub confirmed_flush_lsn: Option<String>,
+    /// Bytes of WAL the slot holds back (`pg_current_wal_lsn() - confirmed_flush_lsn`).
+    pub lag_bytes: Option<i64>,
+    /// The stored checkpoint.
+    pub checkpoint_lsn: Option<String>,
+    /// pending / running / done.
+    pub full_sync: Option<String>,
+    /// Whether a resync was requested.
+    pub resync_requested: bool,
+    /// The last sync runs, newest first.
+    pub recent_runs: Vec<SyncRun>,
+    /// Dead letters recorded for this pipeline.
+    pub dead_letters: i64,
+}
+
+/// One row of `_rudderstack.cdc_sync_runs`.
+#[derive(Debug, Serialize)]
+pub struct SyncRun {
+    /// snapshot / stream.
+    pub kind: String,
+    /// Range start.
+    pub start_lsn: Option<String>,
+    /// Range end.
+    pub end_lsn: Option<String>,
+    /// Rows read.
+    pub rows: i64,
+    /// Events delivered.
+    pub events: i64,
+    /// Outcome.
+    pub status: String,
+    /// When it finished.
+    pub finished_at: Option<String>,
+}
+
+/// Gathers the status.
+pub async fn gather(config: &Config) -> Result<Status, Error> {
+    let client = postgres::connect(&config.source, &config.name).await?.client;
+    let slot = client
+        .query_opt(
+            "SELECT active, wal_status, confirmed_flush_lsn::text,
+                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.source.slot],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the slot", e))?;
+    let checkpoint = state::load(&client, &config.name).await?;
+    let mut recent_runs = Vec::new();
+    let mut dead_letters = 0;
+    if checkpoint.is_some() {
+        for r in client
+            .query(
+                r#"SELECT kind, start_lsn::text, end_lsn::text, rows, events, status,
+                          to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+                     FROM "_rudderstack".cdc_sync_runs WHERE pipeline = $1
+                    ORDER BY id DESC LIMIT 10"#,
+                &[&config.name],
+            )
+            .await
+            .map_err(|e| PgError::query("reading the sync runs", e))?
+        {
+            recent_runs.push(SyncRun {
+                kind: r.get(0),
+                start_lsn: r.get(1),
+                end_lsn: r.get(2),
+                rows: r.get(3),
+                events: r.get(4),
+                status: r.get(5),
+                finished_at: r.get(6),
+            });
+        }
+        dead_letters = client
+            .query_one(
+                r#"SELECT count(*) FROM "_rudderstack".cdc_dead_letters WHERE pipeline = $1"#,
+                &[&config.name],
+            )
+            .await
+            .map_err(|e| PgError::query("counting dead letters", e))?
+            .get(0);
+    }
+    Ok(Status {
+        pipeline: config.name.clone(),
+        slot: config.source.slot.clone(),
+        slot_exists: slot.is_some(),
+        slot_active: slot.as_ref().map(|r| r.get(0)).unwrap_or(false),
+        wal_status: slot.as_ref().and_then(|r| r.get(1)),
+        confirmed_flush_lsn: slot.as_ref().and_then(|r| r.get(2)),
+        lag_bytes: slot.as_ref().and_then(|r| r.get(3)),
+        checkpoint_lsn: checkpoint.as_ref().map(|c| c.lsn.to_string()),
+        full_sync: checkpoint
+            .as_ref()
+            .map(|c| c.full_sync_state.as_str().to_owned()),
+        resync_requested: checkpoint.as_ref().is_some_and(|c| c.resync_requested),
+        recent_runs,
+        dead_letters,
+    })
+}
+
+fn print(text: &str) -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|source| {
+            crate::sink::SinkError::Io {
+                target: "stdout".into(),
+                source,
+            }
+            .into()
+        })
+}
+
+/// `slotstream status`.
+pub async fn run(config: &Config, json: bool) -> Result<(), Error> {
+    let s = gather(config).await?;
+    if json {
+        let text = serde_json::to_string_pretty(&s).map_err(crate::sink::SinkError::from)?;
+        return print(&format!("{text}\n"));
+    }
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let mut t = format!("pipeline      {}\n", s.pipeline);
+    t.push_str(&format!(
+        "slot          {} ({})\n",
+        s.slot,
+        if !s.slot_exists {
+            "missing".to_owned()
+        } else if s.slot_active {
+            format!("active, wal_status {}", opt(&s.wal_status))
+        } else {
+            format!("inactive, wal_status {}", opt(&s.wal_status))
+        }
+    ));
+    t.push_str(&format!("confirmed     {}\n", opt(&s.confirmed_flush_lsn)));
+    t.push_str(&format!(
+        "lag           {}\n",
+        s.lag_bytes
+            .map(|b| bytesize::ByteSize::b(b.max(0) as u64).to_string())
+            .unwrap_or_else(|| "-".into())
+    ));
+    t.push_str(&format!("checkpoint    {}\n", opt(&s.checkpoint_lsn)));
+    t.push_str(&format!(
+        "full sync     {}{}\n",
+        opt(&s.full_sync),
+        if s.resync_requested { " (resync requested)" } else { "" }
+    ));
+    t.push_str(&format!("dead letters  {}\n", s.dead_letters));
+    if !s.recent_runs.is_empty() {
+        t.push_str("recent runs:\n");
+        for r in &s.recent_runs {
+            t.push_str(&format!(
+                "  {} {:8} {} → {}  rows {}  events {}  {}\n",
+                opt(&r.finished_at),
+                r.kind,
+                opt(&r.start_lsn),
+                opt(&r.end_lsn),
+                r.rows,
+                r.events,
+                r.status
+            ));
+        }
+    }
+    print(&t)
+}
+
+/// `slotstream resync`: the next run does a full sync.
+pub async fn resync(config: &Config) -> Result<(), Error> {
+    let mut client = postgres::connect(&config.source, &config.name).await?.client;
+    state::migrate(&mut client).await?;
+    if !state::request_resync(&client, &config.name).await? {
+        return print(&format!(
+            "pipeline {:?} has no state yet: its first run is a full sync anyway\n",
+            config.name
+        ));
+    }
+    print(&format!(
+        "resync requested: the next `slotstream run` of {:?} sends every row again, then streams\n",
+        config.name
+    ))
+}
+
+/// `slotstream teardown`: drops the slot and the pipeline's state rows.
+pub async fn teardown(config: &Config, yes: bool) -> Result<(), Error> {
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(Error::Config(crate::config::ConfigError::Invalid {
+                key: "--yes".into(),
+                message: "is required when standard input is not a terminal".into(),
+            }));
+        }
+        eprint!(
+            "Drop replication slot {:?} and the state of pipeline {:?}? Type the pipeline name to confirm: ",
+            config.source.slot, config.name
+        );
+        let mut answer = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut answer);
+        if answer.trim() != config.name {
+            return print("teardown cancelled\n");
+        }
+    }
+    let client = postgres::connect(&config.source, &config.name).await?.client;
+    if let Some(info) = stream::slot_info(&client, &config.source.slot).await? {
+        if let Some(pid) = info.active_pid {
+            return Err(crate::source::SourceError::SlotBusy {
+                slot: config.source.slot.clone(),
+                pid,
+            }
+            .into());
+        }
+        stream::drop_slot(&client, &config.source.slot).await?;
+    }
+    if state::load(&client, &config.name).await?.is_some() {
+        state::delete_pipeline(&client, &config.name).await?;
+    }
+    print(&format!(
+        "dropped slot {:?} and the state of {:?}; sql/teardown.sql removes the role, grants and publication\n",
+        config.source.slot, config.name
+    ))
+}

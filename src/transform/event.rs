@@ -1,0 +1,306 @@
+//! The event of DESIGN.md §5, and its deterministic `messageId`.
+//!
+//! `messageId` is a UUID v5 of the pipeline name and the change's position: the commit LSN and
+//! the change's ordinal within its transaction for streamed changes, the snapshot LSN and the
+//! row's key for snapshot rows. Replaying the same WAL, or re-running the same snapshot, yields
+//! the same ids, so a destination that deduplicates on `messageId` sees each change once.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+use crate::Lsn;
+
+/// Namespace of every `messageId` (UUID v5).
+const MESSAGE_NAMESPACE: Uuid = Uuid::from_u128(0x2c9e_41d7_6f0a_4b1c_8e55_93a2_7d10_c4f8);
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// What kind of change produced the event (`context.sources.op`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// A row of the full sync.
+    Snapshot,
+    /// An INSERT.
+    Insert,
+    /// An UPDATE.
+    Update,
+    /// A DELETE (mirror mode).
+    Delete,
+}
+
+impl Op {
+    /// The name written into events and Kafka headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Snapshot => "snapshot",
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// `identify` for rows, `track` ("Record Deleted") for deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A row's traits.
+    Identify,
+    /// A deleted row.
+    Track,
+}
+
+/// `context.library`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Library {
+    /// Always `slotstream`.
+    pub name: &'static str,
+    /// This build's version.
+    pub version: &'static str,
+}
+
+/// `context.sources`: where the change came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sources {
+    /// Pipeline name.
+    pub name: String,
+    /// Schema of the table.
+    pub schema: String,
+    /// The table.
+    pub table: String,
+    /// Kind of change.
+    pub op: Op,
+    /// Commit LSN (stream) or snapshot LSN, as `X/Y`.
+    pub lsn: String,
+}
+
+/// `context`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Context {
+    /// The emitting library.
+    pub library: Library,
+    /// The source of the change.
+    pub sources: Sources,
+}
+
+/// One event, as sent.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    /// `identify` or `track`.
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    /// `Record Deleted` for deletes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<&'static str>,
+    /// Deterministic id of the change.
+    pub message_id: Uuid,
+    /// From the user_id column.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// From the anonymous_id column, or derived from the email.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anonymous_id: Option<String>,
+    /// Identify: selected columns under their trait keys, and constants.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traits: Option<Map<String, Value>>,
+    /// Track: the identifiers of the deleted row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Map<String, Value>>,
+    /// Library and source.
+    pub context: Context,
+    /// Commit time (or snapshot time), RFC 3339.
+    pub original_timestamp: String,
+    /// Delivery time, set by the sink as it writes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<String>,
+}
+
+impl Event {
+    /// The record key for keyed destinations: userId, else anonymousId.
+    pub fn key(&self) -> Option<&str> {
+        self.user_id.as_deref().or(self.anonymous_id.as_deref())
+    }
+}
+
+/// `messageId` of a streamed change: commit LSN and ordinal within the transaction.
+pub fn stream_message_id(pipeline: &str, commit_lsn: Lsn, ordinal: u64) -> Uuid {
+    let name = format!("{pipeline}\u{0}{}\u{0}{ordinal}", commit_lsn.as_u64());
+    Uuid::new_v5(&MESSAGE_NAMESPACE, name.as_bytes())
+}
+
+/// `messageId` of a snapshot row from its identity (see `source::snapshot`: key and content).
+pub fn snapshot_message_id(pipeline: &str, row_identity: &str) -> Uuid {
+    let name = format!("{pipeline}\u{0}snapshot\u{0}{row_identity}");
+    Uuid::new_v5(&MESSAGE_NAMESPACE, name.as_bytes())
+}
+
+/// RFC 3339 (UTC, microseconds) of a PostgreSQL timestamp (µs since 2000-01-01).
+pub fn pg_micros_to_rfc3339(micros: i64) -> String {
+    let unix_nanos = (i128::from(micros) + i128::from(PG_EPOCH_OFFSET_MICROS)) * 1000;
+    OffsetDateTime::from_unix_timestamp_nanos(unix_nanos)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_owned())
+}
+
+/// Now, RFC 3339 UTC.
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+}
+
+/// Now as PostgreSQL microseconds since 2000-01-01.
+pub fn now_pg_micros() -> i64 {
+    let unix = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
+    i64::try_from(unix).unwrap_or(i64::MAX) - PG_EPOCH_OFFSET_MICROS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_are_deterministic_and_position_specific() {
+        let a = stream_message_id("p", Lsn(0x16B6C50), 3);
+        assert_eq!(a, stream_message_id("p", Lsn(0x16B6C50), 3));
+        assert_ne!(a, stream_message_id("p", Lsn(0x16B6C50), 4));
+        assert_ne!(a, stream_message_id("q", Lsn(0x16B6C50), 3));
+        assert_ne!(a, stream_message_id("p", Lsn(0x16B6C51), 3));
+        let s = snapshot_message_id("p", "[1]");
+        assert_eq!(s, snapshot_message_id("p", "[1]"));
+        assert_ne!(s, snapshot_message_id("p", "[2]"));
+    }
+
+    #[test]
+    fn pg_epoch_converts_to_rfc3339() {
+        assert_eq!(pg_micros_to_rfc3339(0), "2000-01-01T00:00:00Z");
+        assert_eq!(pg_micros_to_rfc3339(1_500_000), "2000-01-01T00:00:01.5Z");
+    }
+
+    #[test]
+    fn event_serializes_in_contract_shape() {
+        let e = Event {
+            kind: EventKind::Identify,
+            event: None,
+            message_id: Uuid::nil(),
+            user_id: Some("u_1".into()),
+            anonymous_id: None,
+            traits: Some(Map::new()),
+            properties: None,
+            context: Context {
+                library: Library { name: "slotstream", version: "0.1.0" },
+                sources: Sources {
+                    name: "p".into(),
+                    schema: "public".into(),
+                    table: "users".into(),
+                    op: Op::Insert,
+                    lsn: "0/1".into(),
+                },
+            },
+            original_timestamp: "2000-01-01T00:00:00Z".into(),
+            sent_at: Some("2000-01-01T00:00:01Z".into()),
+        };
+        let v: Value = serde_json::to_value(&e).expect("serializes");
+        assert_eq!(v["type"], "identify");
+        assert_eq!(v["userId"], "u_1");
+        assert!(v.get("anonymousId").is_none());
+        assert_eq!(v["context"]["sources"]["op"], "insert");
+        assert_eq!(v["messageId"], Uuid::nil().to_string());
+        assert!(v.get("sentAt").is_some() && v.get("originalTimestamp").is_some());
+    }
+}
+
+/// Builds the events of one pipeline and table: the fixed parts (names, library) are held here,
+/// so every path (snapshot, stream, preview) produces the same shape.
+#[derive(Debug, Clone)]
+pub struct EventFactory {
+    pipeline: String,
+    schema: String,
+    table: String,
+}
+
+impl EventFactory {
+    /// For `pipeline` following `schema.table`.
+    pub fn new(pipeline: &str, schema: &str, table: &str) -> Self {
+        EventFactory {
+            pipeline: pipeline.to_owned(),
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+        }
+    }
+
+    /// The pipeline name (for message ids).
+    pub fn pipeline(&self) -> &str {
+        &self.pipeline
+    }
+
+    fn context(&self, op: Op, lsn: Lsn) -> Context {
+        Context {
+            library: Library {
+                name: crate::LIBRARY_NAME,
+                version: crate::VERSION,
+            },
+            sources: Sources {
+                name: self.pipeline.clone(),
+                schema: self.schema.clone(),
+                table: self.table.clone(),
+                op,
+                lsn: lsn.to_string(),
+            },
+        }
+    }
+
+    /// An `identify` event for an inserted, updated or snapshot row.
+    pub fn identify(
+        &self,
+        row: crate::transform::ProjectedRow,
+        op: Op,
+        lsn: Lsn,
+        message_id: Uuid,
+        timestamp: String,
+    ) -> Event {
+        Event {
+            kind: EventKind::Identify,
+            event: None,
+            message_id,
+            user_id: row.user_id,
+            anonymous_id: row.anonymous_id,
+            traits: Some(row.traits),
+            properties: None,
+            context: self.context(op, lsn),
+            original_timestamp: timestamp,
+            sent_at: None,
+        }
+    }
+
+    /// A `track` event named `Record Deleted` for a deleted row (mirror mode), with the row's
+    /// identifiers as properties.
+    pub fn deleted(
+        &self,
+        row: crate::transform::ProjectedRow,
+        lsn: Lsn,
+        message_id: Uuid,
+        timestamp: String,
+    ) -> Event {
+        let properties = row.identifiers();
+        Event {
+            kind: EventKind::Track,
+            event: Some("Record Deleted"),
+            message_id,
+            user_id: row.user_id,
+            anonymous_id: row.anonymous_id,
+            traits: None,
+            properties: Some(properties),
+            context: self.context(Op::Delete, lsn),
+            original_timestamp: timestamp,
+            sent_at: None,
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! Columns → traits and identifiers.
+//!
+//! A [`Projection`] is the config's mapping resolved against one shape of the table (from the
+//! catalog, or from a pgoutput Relation message): column positions instead of names, so the
+//! per-row work is index lookups. It is rebuilt whenever the relation's shape changes.
+//!
+//! Rules:
+//! - traits hold every selected column (all columns when `mapping.columns` is absent) under its
+//!   trait key (`mapping.trait_keys`, else the column name), plus `mapping.constants`;
+//! - `userId` comes from the user_id column, `anonymousId` from the anonymous_id column; a row
+//!   with only an email gets a deterministic `anonymousId` derived from the normalised email;
+//! - a cell the server did not send (an unchanged TOASTed value) is left out of the traits,
+//!   never sent as a placeholder;
+//! - the table must have at least one identifier column; a row with no identifier value is
+//!   not an event (the caller dead-letters it).
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::config::{IdentifierColumn, MappingConfig};
+
+/// Namespace of the `anonymousId`s derived from emails (UUID v5).
+const EMAIL_NAMESPACE: Uuid = Uuid::from_u128(0x5a1f_0c2e_8d3b_4e47_9b6a_1e2d_3c4b_5a69);
+
+/// The table cannot be mapped as configured.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MappingError {
+    /// No identifier column exists.
+    #[error(
+        "table {table} has no identifier column: it needs one of {wanted}, and its columns are: {columns}"
+    )]
+    NoIdentifierColumn {
+        /// schema.table.
+        table: String,
+        /// The identifier names looked for.
+        wanted: String,
+        /// The columns it has.
+        columns: String,
+    },
+    /// An identifier named under `[mapping.identifiers]` does not exist.
+    #[error("mapping.identifiers.{role} names column {column:?}, which table {table} does not have (its columns: {columns})")]
+    MissingIdentifier {
+        /// user_id / anonymous_id / email.
+        role: &'static str,
+        /// The configured column.
+        column: String,
+        /// schema.table.
+        table: String,
+        /// The columns it has.
+        columns: String,
+    },
+    /// A constant and a column map to the same trait key.
+    #[error("trait key {key:?} is both a constant and the key of column {column:?}")]
+    TraitKeyClash {
+        /// The key.
+        key: String,
+        /// The column.
+        column: String,
+    },
+}
+
+impl MappingError {
+    /// What to do.
+    pub fn hint(&self) -> String {
+        match self {
+            MappingError::NoIdentifierColumn { .. } => "add a user_id, anonymous_id or email column to the table, or name the column that identifies the user under [mapping.identifiers]".into(),
+            MappingError::MissingIdentifier { .. } => "fix the column name under [mapping.identifiers]".into(),
+            MappingError::TraitKeyClash { .. } => "rename the constant or change [mapping.trait_keys]".into(),
+        }
+    }
+}
+
+/// One trait: which column, under which key.
+#[derive(Debug, Clone)]
+pub struct TraitColumn {
+    /// Position of the column in the relation.
+    pub index: usize,
+    /// Column name.
+    pub column: Arc<str>,
+    /// Trait key.
+    pub key: Arc<str>,
+    /// Type OID, for decoding the cell.
+    pub type_oid: u32,
+}
+
+/// The mapping resolved against one shape of the table.
+#[derive(Debug, Clone)]
+pub struct Projection {
+    /// Traits, in column order.
+    pub traits: Vec<TraitColumn>,
+    /// Position of the user_id column.
+    pub user_id: Option<usize>,
+    /// Position of the anonymous_id column.
+    pub anonymous_id: Option<usize>,
+    /// Position of the email column.
+    pub email: Option<usize>,
+    /// Selected columns the table does not have (dropped or renamed): reported, not fatal.
+    pub missing_columns: Vec<String>,
+    constants: Map<String, Value>,
+    /// Type OIDs by position, for the identifier cells.
+    type_oids: Vec<u32>,
+}
+
+/// The identifiers and traits of one row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectedRow {
+    /// `userId`.
+    pub user_id: Option<String>,
+    /// `anonymousId`.
+    pub anonymous_id: Option<String>,
+    /// Traits (selected columns under their keys, constants).
+    pub traits: Map<String, Value>,
+}
+
+impl ProjectedRow {
+    /// Whether the row can be sent: it has a userId or an anonymousId.
+    pub fn is_identified(&self) -> bool {
+        self.user_id.is_some() || self.anonymous_id.is_some()
+    }
+
+    /// The identifiers as a JSON object (the properties of a `Record Deleted` event).
+    pub fn identifiers(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        if let Some(u) = &self.user_id {
+            m.insert("userId".into(), Value::String(u.clone()));
+        }
+        if let Some(a) = &self.anonymous_id {
+            m.insert("anonymousId".into(), Value::String(a.clone()));
+        }
+        m
+    }
+}
+
+/// A cell as the projection sees it.
+pub enum CellRef {
+    /// SQL NULL.
+    Null,
+    /// Not sent by the server (an unchanged TOASTed value, or a column absent from a key-only
+    /// old tuple): left out.
+    Absent,
+    /// The value.
+    Value(Value),
+}
+
+/// An identifier value as a string: strings as they are, numbers and others by their JSON text.
+fn identifier_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) if s.is_empty() => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// The deterministic `anonymousId` of a row that only has an email: UUID v5 of the trimmed,
+/// lower-cased address.
+pub fn anonymous_id_from_email(email: &str) -> String {
+    let normalised = email.trim().to_lowercase();
+    Uuid::new_v5(&EMAIL_NAMESPACE, normalised.as_bytes()).to_string()
+}
+
+impl Projection {
+    /// Resolves `config` against the columns `(name, type_oid)` of one shape of `table`.
+    pub fn resolve<'a>(
+        config: &MappingConfig,
+        table: &str,
+        columns: impl IntoIterator<Item = (&'a str, u32)>,
+    ) -> Result<Projection, MappingError> {
+        let columns: Vec<(&str, u32)> = columns.into_iter().collect();
+        let position = |name: &str| columns.iter().position(|(n, _)| *n == name);
+        let column_list = || {
+            columns
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let ident = |role: &'static str, col: &IdentifierColumn| match col {
+            IdentifierColumn::Configured(name) => match position(name) {
+                Some(i) => Ok(Some(i)),
+                None => Err(MappingError::MissingIdentifier {
+                    role,
+                    column: name.clone(),
+                    table: table.to_owned(),
+                    columns: column_list(),
+                }),
+            },
+            IdentifierColumn::Default(name) => Ok(position(name)),
+        };
+        let ids = &config.identifiers;
+        let user_id = ident("user_id", &ids.user_id)?;
+        let anonymous_id = ident("anonymous_id", &ids.anonymous_id)?;
+        let email = ident("email", &ids.email)?;
+        if user_id.is_none() && anonymous_id.is_none() && email.is_none() {
+            return Err(MappingError::NoIdentifierColumn {
+                table: table.to_owned(),
+                wanted: ids
+                    .all()
+                    .iter()
+                    .map(|c| format!("`{}`", c.name()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                columns: column_list(),
+            });
+        }
+        let mut traits = Vec::new();
+        let mut missing_columns = Vec::new();
+        let mut push = |index: usize, name: &str, type_oid: u32| -> Result<(), MappingError> {
+            let key = config
+                .trait_keys
+                .get(name)
+                .map(String::as_str)
+                .unwrap_or(name);
+            if config.constants.contains_key(key) {
+                return Err(MappingError::TraitKeyClash {
+                    key: key.to_owned(),
+                    column: name.to_owned(),
+                });
+            }
+            traits.push(TraitColumn {
+                index,
+                column: Arc::from(name),
+                key: Arc::from(key),
+                type_oid,
+            });
+            Ok(())
+        };
+        match &config.columns {
+            None => {
+                for (i, (name, oid)) in columns.iter().enumerate() {
+                    push(i, name, *oid)?;
+                }
+            }
+            Some(selected) => {
+                for name in selected {
+                    match position(name) {
+                        Some(i) => push(i, name, columns[i].1)?,
+                        None => missing_columns.push(name.clone()),
+                    }
+                }
+                traits.sort_by_key(|t| t.index);
+            }
+        }
+        Ok(Projection {
+            traits,
+            user_id,
+            anonymous_id,
+            email,
+            missing_columns,
+            constants: config.constants.clone(),
+            type_oids: columns.iter().map(|(_, oid)| *oid).collect(),
+        })
+    }
+
+    /// The type OID of the column at `index`.
+    pub fn type_oid(&self, index: usize) -> Option<u32> {
+        self.type_oids.get(index).copied()
+    }
+
+    /// Positions of every column the projection reads (traits and identifiers), sorted, unique.
+    pub fn needed_columns(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self.traits.iter().map(|t| t.index).collect();
+        v.extend(self.user_id);
+        v.extend(self.anonymous_id);
+        v.extend(self.email);
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Projects one row. `cell(index)` gives the decoded cell at a column position; it is
+    /// called once per needed column.
+    pub fn project(&self, mut cell: impl FnMut(usize) -> CellRef) -> ProjectedRow {
+        let mut traits = Map::with_capacity(self.traits.len() + self.constants.len());
+        let mut id_values: [Option<String>; 3] = [None, None, None];
+        let id_positions = [self.user_id, self.anonymous_id, self.email];
+        let mut seen_ids = [false; 3];
+        for t in &self.traits {
+            let value = match cell(t.index) {
+                CellRef::Absent => None,
+                CellRef::Null => Some(Value::Null),
+                CellRef::Value(v) => Some(v),
+            };
+            for (slot, pos) in id_positions.iter().enumerate() {
+                if *pos == Some(t.index) {
+                    seen_ids[slot] = true;
+                    id_values[slot] = value.as_ref().and_then(identifier_text);
+                }
+            }
+            if let Some(v) = value {
+                traits.insert(t.key.to_string(), v);
+            }
+        }
+        for (slot, pos) in id_positions.iter().enumerate() {
+            if let (Some(pos), false) = (pos, seen_ids[slot]) {
+                if let CellRef::Value(v) = cell(*pos) {
+                    id_values[slot] = identifier_text(&v);
+                }
+            }
+        }
+        for (k, v) in &self.constants {
+            traits.insert(k.clone(), v.clone());
+        }
+        let [user_id, anonymous_id, email] = id_values;
+        let anonymous_id = match (anonymous_id, &user_id, email) {
+            (Some(a), _, _) => Some(a),
+            (None, None, Some(e)) => Some(anonymous_id_from_email(&e)),
+            _ => None,
+        };
+        ProjectedRow {
+            user_id,
+            anonymous_id,
+            traits,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IdentifierColumns;
+    use std::collections::BTreeMap;
+
+    fn config(columns: Option<Vec<&str>>) -> MappingConfig {
+        let mut trait_keys = BTreeMap::new();
+        trait_keys.insert("name".to_owned(), "fullName".to_owned());
+        let mut constants = Map::new();
+        constants.insert("source".into(), Value::String("postgres".into()));
+        MappingConfig {
+            columns: columns.map(|c| c.into_iter().map(String::from).collect()),
+            constants,
+            filter: None,
+            identifiers: IdentifierColumns {
+                user_id: IdentifierColumn::Default("user_id"),
+                anonymous_id: IdentifierColumn::Default("anonymous_id"),
+                email: IdentifierColumn::Default("email"),
+            },
+            trait_keys,
+        }
+    }
+
+    const COLS: [(&str, u32); 4] = [("id", 20), ("email", 25), ("name", 25), ("user_id", 25)];
+
+    #[test]
+    fn traits_use_trait_keys_and_constants() {
+        let p = Projection::resolve(&config(Some(vec!["email", "name"])), "public.users", COLS)
+            .expect("resolves");
+        let row = p.project(|i| match i {
+            1 => CellRef::Value(Value::String("ann@example.com".into())),
+            2 => CellRef::Value(Value::String("Ann".into())),
+            3 => CellRef::Value(Value::String("u_1".into())),
+            _ => CellRef::Null,
+        });
+        assert_eq!(row.user_id.as_deref(), Some("u_1"));
+        assert_eq!(row.anonymous_id, None);
+        assert_eq!(row.traits["fullName"], "Ann");
+        assert_eq!(row.traits["email"], "ann@example.com");
+        assert_eq!(row.traits["source"], "postgres");
+        assert!(!row.traits.contains_key("user_id"));
+    }
+
+    #[test]
+    fn email_only_row_gets_deterministic_anonymous_id() {
+        let p = Projection::resolve(&config(None), "t", COLS).expect("resolves");
+        let row = |email: &str| {
+            let email = email.to_owned();
+            p.project(move |i| match i {
+                1 => CellRef::Value(Value::String(email.clone())),
+                _ => CellRef::Null,
+            })
+        };
+        let a = row("Ann@Example.com ");
+        let b = row("ann@example.com");
+        assert_eq!(a.user_id, None);
+        assert!(a.anonymous_id.is_some());
+        assert_eq!(a.anonymous_id, b.anonymous_id);
+        assert_ne!(a.anonymous_id, row("bob@example.com").anonymous_id);
+    }
+
+    #[test]
+    fn absent_cells_are_left_out_of_traits() {
+        let p = Projection::resolve(&config(None), "t", COLS).expect("resolves");
+        let row = p.project(|i| match i {
+            3 => CellRef::Value(Value::String("u".into())),
+            2 => CellRef::Absent,
+            _ => CellRef::Null,
+        });
+        assert!(!row.traits.contains_key("fullName"));
+        assert_eq!(row.traits["email"], Value::Null);
+    }
+
+    #[test]
+    fn table_without_identifier_is_refused_with_its_columns() {
+        let err = Projection::resolve(&config(None), "public.t", [("a", 23), ("b", 25)])
+            .expect_err("no identifier");
+        let msg = err.to_string();
+        assert!(msg.contains("`user_id`") && msg.contains("a, b"), "{msg}");
+    }
+
+    #[test]
+    fn missing_selected_column_is_reported_not_fatal() {
+        let p = Projection::resolve(&config(Some(vec!["email", "plan"])), "t", COLS)
+            .expect("resolves");
+        assert_eq!(p.missing_columns, vec!["plan".to_owned()]);
+    }
+
+    #[test]
+    fn numeric_identifier_becomes_its_text() {
+        let p = Projection::resolve(&config(Some(vec!["email"])), "t", COLS).expect("resolves");
+        let row = p.project(|i| match i {
+            3 => CellRef::Value(serde_json::json!(42)),
+            _ => CellRef::Null,
+        });
+        assert_eq!(row.user_id.as_deref(), Some("42"));
+    }
+}

@@ -1,0 +1,511 @@
+//! Test harness: one throwaway PostgreSQL cluster per test binary, a fresh database per test.
+//!
+//! The cluster comes from the installed server binaries (`pg_config --bindir`), `initdb` runs as
+//! the `postgres` OS user when the tests run as root (initdb refuses root), with
+//! `wal_level=logical`, `fsync=off`, `wal_sender_timeout=10s`, a free port on 127.0.0.1 and its
+//! unix socket in the cluster's temp dir. The superuser `postgres` connects through the socket
+//! without a password; other roles connect over TCP with a password (scram-sha-256).
+//!
+//! Clean-up survives failing and killed tests: a watchdog process stops the cluster and removes
+//! its directory as soon as the test process is gone, however it ended.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The running cluster of this test binary.
+pub struct Cluster {
+    /// Temp directory holding data dir, socket and log.
+    pub dir: PathBuf,
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// Directory of the unix socket.
+    pub socket_dir: PathBuf,
+    /// Server binaries.
+    pub bindir: PathBuf,
+    /// OS user the server runs as (uid, gid), when the tests run as root.
+    pub run_as: Option<(u32, u32)>,
+    /// Settings that override the defaults below (empty for this binary's shared cluster).
+    pub overrides: Vec<(String, String)>,
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn output(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Where the server binaries are: `pg_config --bindir`, else the newest /usr/lib/postgresql/*/bin.
+pub fn pg_bindir() -> PathBuf {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return dir;
+        }
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    candidates.sort();
+    candidates
+        .into_iter()
+        .rev()
+        .find(|d| d.join("initdb").exists())
+        .expect("no PostgreSQL server binaries: run scripts/test.sh, which installs them")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn postgres_user() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let uid = output(Command::new("id").args(["-u", "postgres"]));
+    let gid = output(Command::new("id").args(["-g", "postgres"]));
+    Some((uid.parse().expect("uid"), gid.parse().expect("gid")))
+}
+
+impl Cluster {
+    fn command(&self, bin: &str) -> Command {
+        let mut cmd = Command::new(self.bindir.join(bin));
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.env_remove("PGDATA").env("LC_ALL", "C");
+        cmd
+    }
+
+    fn start() -> Cluster {
+        Self::start_with(Vec::new())
+    }
+
+    fn start_with(overrides: Vec<(String, String)>) -> Cluster {
+        let bindir = pg_bindir();
+        let run_as = postgres_user();
+        let dir = tempfile::Builder::new()
+            .prefix("slotstream-pg-")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown");
+        }
+        let cluster = Cluster {
+            dir: dir.clone(),
+            port: free_port(),
+            socket_dir: dir.clone(),
+            bindir,
+            run_as,
+            overrides,
+        };
+        cluster.spawn_watchdog();
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, "postgres\n").expect("pwfile");
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&pwfile, Some(uid), Some(gid)).expect("chown");
+        }
+        output(
+            cluster
+                .command("initdb")
+                .arg("-D")
+                .arg(dir.join("data"))
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                ])
+                .arg(format!("--pwfile={}", pwfile.display()))
+                .args(["-E", "UTF8", "--no-sync"]),
+        );
+        cluster.pg_ctl_start();
+        cluster
+    }
+
+    fn pg_ctl_start(&self) {
+        let mut opts = format!(
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' \
+             -c wal_level=logical -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+             -c wal_sender_timeout=10s -c max_replication_slots=40 -c max_wal_senders=40 \
+             -c max_connections=200 -c shared_buffers=128MB -c max_wal_size=2GB \
+             -c log_min_messages=warning",
+            self.port,
+            self.socket_dir.display()
+        );
+        // Later -c options win over earlier ones.
+        for (key, value) in &self.overrides {
+            opts.push_str(&format!(" -c {key}={value}"));
+        }
+        output(
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .arg("-l")
+                .arg(self.dir.join("server.log"))
+                .args(["-w", "-t", "60", "-o", &opts, "start"]),
+        );
+    }
+
+    /// Restarts the server (fast shutdown), keeping data: for reconnect tests.
+    pub fn restart(&self) {
+        output(
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["-w", "-m", "fast", "stop"]),
+        );
+        self.pg_ctl_start();
+    }
+
+    /// Stops the server and removes the directory once this process is gone (any exit, even
+    /// SIGKILL): a detached shell polls for the test process.
+    fn spawn_watchdog(&self) {
+        let pid = std::process::id();
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+             {pg_ctl} -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
+            pg_ctl = if self.run_as.is_some() {
+                format!(
+                    "runuser -u postgres -- {}",
+                    self.bindir.join("pg_ctl").display()
+                )
+            } else {
+                self.bindir.join("pg_ctl").display().to_string()
+            },
+            data = self.dir.join("data").display(),
+            dir = self.dir.display(),
+        );
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        cmd.spawn().expect("watchdog");
+    }
+
+    /// The server log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// Runs `psql` as the superuser with the given args (for applying SQL files).
+    pub fn psql(&self, database: &str) -> Command {
+        let mut cmd = Command::new(self.bindir.join("psql"));
+        cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.socket_dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+            ]);
+        cmd
+    }
+}
+
+/// The cluster of this test binary, started on first use.
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(Cluster::start)
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    /// Database name.
+    pub name: String,
+    /// The cluster it lives in.
+    pub cluster: &'static Cluster,
+}
+
+/// Creates a fresh database in this binary's cluster.
+pub async fn database() -> TestDb {
+    database_in(cluster()).await
+}
+
+/// Creates a fresh database in `cluster`.
+pub async fn database_in(cluster: &'static Cluster) -> TestDb {
+    let name = format!(
+        "t_{}_{}",
+        std::process::id(),
+        DB_COUNTER.fetch_add(1, Ordering::SeqCst)
+    );
+    let admin = connect_as_superuser(cluster, "postgres").await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    TestDb { name, cluster }
+}
+
+async fn connect_as_superuser(cluster: &Cluster, db: &str) -> tokio_postgres::Client {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host_path(&cluster.socket_dir)
+        .port(cluster.port)
+        .user("postgres")
+        .dbname(db);
+    let (client, conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to test cluster: {e}\n{}", cluster.log()));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+impl TestDb {
+    /// A superuser connection to this database (through the unix socket).
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        connect_as_superuser(self.cluster, &self.name).await
+    }
+
+    /// Writes a config file for this database into `dir` and returns its path. `extra` is
+    /// appended TOML (sections such as `[mapping]`). The source section connects as `user` over
+    /// TCP with `password`.
+    pub fn write_config(
+        &self,
+        dir: &Path,
+        name: &str,
+        user: &str,
+        password: &str,
+        table: &str,
+        extra: &str,
+    ) -> PathBuf {
+        let path = dir.join(format!("{name}.toml"));
+        let text = format!(
+            r#"name = "{name}"
+
+[source]
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+user = "{user}"
+password = "{password}"
+sslmode = "disable"
+schema = "public"
+table = "{table}"
+
+{extra}
+"#,
+            port = self.cluster.port,
+            db = self.name,
+        );
+        let text = if text.contains("[destination]") {
+            text
+        } else {
+            format!("{text}\n[destination]\ntype = \"stdout\"\n")
+        };
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes; panics with `what` on
+/// timeout. Waiting for a condition, never a fixed sleep.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The slotstream binary built for this test run.
+pub fn slotstream_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_slotstream"))
+}
+
+/// Runs `slotstream <args>` to completion, returning (exit code, stdout, stderr).
+pub fn run_slotstream(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(slotstream_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run slotstream");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Applies `sql/setup.sql` as the superuser with the given psql variables.
+pub fn apply_setup_sql(db: &TestDb, vars: &[(&str, &str)]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/setup.sql");
+    let mut cmd = db.cluster.psql(&db.name);
+    for (k, v) in vars {
+        cmd.arg("-v").arg(format!("{k}={v}"));
+    }
+    cmd.arg("-f").arg(script);
+    let out = cmd.output().expect("psql");
+    assert!(
+        out.status.success(),
+        "setup.sql failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A cluster of its own, with settings that override the shared cluster's defaults (for tests
+/// that need e.g. `wal_level=replica` or `max_replication_slots=1`). Stopped and removed when
+/// dropped; its watchdog cleans up too if the test process dies first.
+pub struct OwnedCluster {
+    cluster: &'static Cluster,
+}
+
+/// Starts a dedicated cluster with `settings` (`("wal_level", "replica")`, …) applied on top of
+/// the defaults.
+pub fn cluster_with(settings: &[(&str, &str)]) -> OwnedCluster {
+    let overrides = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    // Leaked so that TestDb (which holds a &'static Cluster) works unchanged; the few bytes of
+    // the struct are all that outlive the drop below.
+    OwnedCluster {
+        cluster: Box::leak(Box::new(Cluster::start_with(overrides))),
+    }
+}
+
+impl OwnedCluster {
+    /// A fresh database in this cluster.
+    pub async fn database(&self) -> TestDb {
+        database_in(self.cluster).await
+    }
+}
+
+impl std::ops::Deref for OwnedCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        self.cluster
+    }
+}
+
+impl Drop for OwnedCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .cluster
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.cluster.dir.join("data"))
+            .args(["-w", "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.cluster.dir);
+    }
+}
+
+/// The output of `slotstream check`, split into its marked lines.
+pub struct CheckOutput {
+    /// Exit code.
+    pub code: i32,
+    /// Everything printed on stdout.
+    pub stdout: String,
+    /// Everything printed on stderr.
+    pub stderr: String,
+}
+
+/// Runs `slotstream check --config <config>`.
+pub fn run_check(config: &Path) -> CheckOutput {
+    let path = config.to_str().expect("utf-8 path");
+    let (code, stdout, stderr) = run_slotstream(&["check", "--config", path]);
+    CheckOutput {
+        code,
+        stdout,
+        stderr,
+    }
+}
+
+impl CheckOutput {
+    /// The check lines (those starting with a mark), as (mark, text after the mark).
+    pub fn marked(&self) -> Vec<(char, String)> {
+        self.stdout
+            .lines()
+            .filter_map(|line| {
+                let mut chars = line.chars();
+                let mark = chars.next()?;
+                let rest = chars.as_str().strip_prefix(' ')?;
+                matches!(mark, '✓' | '✗' | '!').then(|| (mark, rest.to_owned()))
+            })
+            .collect()
+    }
+
+    /// Texts of the lines marked `mark`.
+    pub fn with_mark(&self, mark: char) -> Vec<String> {
+        self.marked()
+            .into_iter()
+            .filter(|(m, _)| *m == mark)
+            .map(|(_, t)| t)
+            .collect()
+    }
+
+    /// Texts of the failed checks.
+    pub fn failures(&self) -> Vec<String> {
+        self.with_mark('✗')
+    }
+
+    /// The indented fix lines printed under the first check line containing `needle`
+    /// (leading spaces removed).
+    pub fn fixes_under(&self, needle: &str) -> Vec<String> {
+        let mut lines = self.stdout.lines();
+        for line in lines.by_ref() {
+            if !line.starts_with(' ') && line.contains(needle) {
+                break;
+            }
+        }
+        lines
+            .take_while(|l| l.starts_with("    "))
+            .map(|l| l.trim_start().to_owned())
+            .collect()
+    }
+
+    /// The last line of stdout (the summary).
+    pub fn summary(&self) -> &str {
+        self.stdout.lines().last().unwrap_or("")
+    }
+
+    /// Everything, for assertion messages.
+    pub fn dump(&self) -> String {
+        format!(
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
