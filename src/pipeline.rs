@@ -388,6 +388,7 @@ impl Deliverer {
             Item::SnapshotDone { lsn, rows } => {
                 self.flush(sink).await?;
                 self.stretch.kind = "snapshot";
+                self.stretch.from = lsn;
                 self.stretch.rows = rows;
                 state::finish_full_sync(&self.control, &self.pipeline, rows).await?;
                 self.durable = self.durable.max(lsn);

@@ -509,3 +509,149 @@ impl CheckOutput {
         )
     }
 }
+
+/// A ready pipeline over a `public.users` table: database, role and publication from
+/// `sql/setup.sql`, and a config writing to a JSONL file.
+pub struct Fixture {
+    /// The database.
+    pub db: TestDb,
+    /// Temp dir holding the config and the events file.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+    /// The JSONL file the file sink writes.
+    pub events: PathBuf,
+    /// Role name (unique per fixture).
+    pub role: String,
+    /// Slot name.
+    pub slot: String,
+    /// Pipeline name.
+    pub name: String,
+}
+
+/// The default demo table: `id bigserial PK, user_id text, email text, name text, plan text`.
+pub const USERS_TABLE: &str = "CREATE TABLE public.users (
+    id bigserial PRIMARY KEY, user_id text, email text, name text, plan text)";
+
+/// Creates a database with `table_sql` (which must create `public.users`), applies setup.sql
+/// for a fresh role, and writes a config with a file sink plus `extra` TOML (e.g. `[mapping]`,
+/// `[sync]`, `[schedule]` sections). `filter`, if given, goes into setup.sql and must also be
+/// put in `extra` by the caller.
+pub async fn users_fixture(table_sql: &str, extra: &str, filter: Option<&str>) -> Fixture {
+    let db = database().await;
+    let client = db.connect().await;
+    client.batch_execute(table_sql).await.expect("create table");
+    let role = format!("rudder_{}", db.name);
+    let name = format!("p_{}", db.name);
+    let slot = format!("slotstream_{name}");
+    let publication = slot.clone();
+    let mut vars = vec![
+        ("schema", "public"),
+        ("table", "users"),
+        ("user", role.as_str()),
+        ("password", "pw"),
+        ("publication", publication.as_str()),
+    ];
+    if let Some(f) = filter {
+        vars.push(("filter", f));
+    }
+    apply_setup_sql(&db, &vars);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = dir.path().join("events.jsonl");
+    let extra = format!(
+        "{extra}\n[destination]\ntype = \"file\"\npath = \"{}\"\n",
+        events.display()
+    );
+    let config = db.write_config(dir.path(), &name, &role, "pw", "users", &extra);
+    Fixture {
+        db,
+        dir,
+        config,
+        events,
+        role,
+        slot,
+        name,
+    }
+}
+
+impl Fixture {
+    /// `slotstream <command> --config <this config> [args]`, to completion.
+    pub fn slotstream(&self, command: &str, args: &[&str]) -> (i32, String, String) {
+        let config = self.config.display().to_string();
+        let mut all = vec![command, "--config", config.as_str()];
+        all.extend_from_slice(args);
+        run_slotstream(&all)
+    }
+
+    /// `slotstream run --once`, asserting exit 0.
+    pub fn run_once(&self) {
+        let (code, out, err) = self.slotstream("run", &["--once"]);
+        assert_eq!(code, 0, "run --once failed\nstdout:\n{out}\nstderr:\n{err}");
+    }
+
+    /// Starts `slotstream run` (continuous) in the background; stderr goes to `run.log`.
+    pub fn spawn_run(&self) -> std::process::Child {
+        let log = std::fs::File::create(self.dir.path().join("run.log")).expect("log");
+        Command::new(slotstream_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn slotstream run")
+    }
+
+    /// The background run's log.
+    pub fn run_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("run.log")).unwrap_or_default()
+    }
+
+    /// Every complete event line of the sink file.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        read_events(&self.events)
+    }
+
+    /// The stored checkpoint LSN and the slot's confirmed_flush_lsn, as u64.
+    pub async fn positions(&self) -> (Option<u64>, Option<u64>) {
+        let c = self.db.connect().await;
+        let checkpoint = c
+            .query_opt(
+                r#"SELECT (lsn - '0/0')::int8 FROM "_rudderstack".cdc_checkpoints WHERE pipeline = $1"#,
+                &[&self.name],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get::<_, i64>(0) as u64);
+        let confirmed = c
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.get::<_, Option<i64>>(0))
+            .map(|v| v as u64);
+        (checkpoint, confirmed)
+    }
+}
+
+/// Reads a JSONL file; a trailing partial line (a crash mid-write) is ignored.
+pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Sends SIGTERM to a child.
+pub fn sigterm(child: &std::process::Child) {
+    // SAFETY: kill(2) with a pid we own.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}

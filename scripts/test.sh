@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks, then runs every check and test of slotstream:
+#   formatting, clippy (warnings are errors), the whole cargo test suite against real
+#   throwaway PostgreSQL clusters, and the pgoutput decoder fuzz target for a fixed number of runs.
+#
+#   scripts/test.sh                 # everything
+#   FUZZ_RUNS=0 scripts/test.sh     # skip the fuzz run
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+need_apt=()
+have_pg_server() {
+    local d
+    if command -v pg_config >/dev/null 2>&1; then
+        d="$(pg_config --bindir)"
+        [[ -x "$d/initdb" && -x "$d/pg_recvlogical" ]] && return 0
+    fi
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
+have_pg_server || need_apt+=(postgresql)
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+if ((${#need_apt[@]})); then
+    echo "installing: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q "${need_apt[@]}"
+    # Debian's package starts a cluster of its own; the tests start their own, so stop it.
+    if command -v service >/dev/null 2>&1; then service postgresql stop >/dev/null 2>&1 || true; fi
+fi
+id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
+rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "== cargo test"
+cargo test --all-targets --no-fail-fast 2>&1 | tee /tmp/slotstream-test.log
+status=${PIPESTATUS[0]}
+passed=$(grep -Eo '[0-9]+ passed' /tmp/slotstream-test.log | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' /tmp/slotstream-test.log | awk '{s+=$1} END {print s+0}')
+if [[ "$status" != 0 ]]; then
+    echo "cargo test failed"
+    echo "$passed passed, $failed failed"
+    exit "$status"
+fi
+if [[ "${FUZZ_RUNS:-100000}" != 0 ]]; then
+    echo "== fuzz: pgoutput decoder"
+    FUZZ_RUNS="${FUZZ_RUNS:-100000}" FUZZ_SANITIZER="${FUZZ_SANITIZER:-none}" scripts/fuzz-decoder.sh
+fi
+echo "$passed passed, $failed failed"
