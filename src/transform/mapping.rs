@@ -294,10 +294,10 @@ impl Projection {
             }
         }
         for (slot, pos) in id_positions.iter().enumerate() {
-            if let (Some(pos), false) = (pos, seen_ids[slot]) {
-                if let CellRef::Value(v) = cell(*pos) {
-                    id_values[slot] = identifier_text(&v);
-                }
+            if let (Some(pos), false) = (pos, seen_ids[slot])
+                && let CellRef::Value(v) = cell(*pos)
+            {
+                id_values[slot] = identifier_text(&v);
             }
         }
         for (k, v) in &self.constants {

@@ -207,6 +207,9 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0);
+        // The watchdog must outlive this process to clean up after it, so it is never waited
+        // for; it exits by itself once the test process is gone.
+        #[allow(clippy::zombie_processes)]
         cmd.spawn().expect("watchdog");
     }
 
