@@ -382,9 +382,18 @@ impl Config {
         };
         let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
         apply_env_overrides(&mut table, env)?;
-        let raw: RawConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| parse_err(e.message().to_owned()))?;
+        let raw: RawConfig = match toml::Value::Table(table).try_into() {
+            Ok(raw) => raw,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                // The merged table has no positions; the file as written does, so when the
+                // error is in the file, report it with its line and the offending text.
+                return Err(parse_err(match toml::from_str::<RawConfig>(text) {
+                    Err(at) if at.message() == e.message() => at.to_string().trim_end().to_owned(),
+                    _ => e.message().to_owned(),
+                }));
+            }
+        };
         raw.validate(&|var| std::env::var(var).ok())
     }
 }
@@ -408,8 +417,9 @@ fn apply_env_overrides(
         if path.iter().any(String::is_empty) {
             return Err(ConfigError::Env {
                 var,
-                message: "expected SLOTSTREAM__SECTION__KEY (or SLOTSTREAM__KEY for top-level keys)"
-                    .into(),
+                message:
+                    "expected SLOTSTREAM__SECTION__KEY (or SLOTSTREAM__KEY for top-level keys)"
+                        .into(),
             });
         }
         let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
@@ -456,7 +466,10 @@ fn check_identifier(key: &str, value: &str) -> Result<(), ConfigError> {
         ));
     }
     if value.contains('\0') {
-        return Err(ConfigError::invalid(key, "must not contain a NUL character"));
+        return Err(ConfigError::invalid(
+            key,
+            "must not contain a NUL character",
+        ));
     }
     Ok(())
 }
@@ -505,10 +518,7 @@ fn parse_duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
 
 impl RawConfig {
     /// Step 2: defaults, parsing and cross-checks. `getenv` reads `password_env`.
-    pub fn validate(
-        self,
-        getenv: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub fn validate(self, getenv: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let name = self.name.trim().to_owned();
         if name.is_empty() {
             return Err(ConfigError::invalid("name", "must not be empty"));
@@ -574,7 +584,9 @@ impl RawSource {
                 None => {
                     return Err(ConfigError::invalid(
                         "source.password_env",
-                        format!("names {var}, which is not set; export it before running slotstream"),
+                        format!(
+                            "names {var}, which is not set; export it before running slotstream"
+                        ),
                     ));
                 }
             }
@@ -585,7 +597,9 @@ impl RawSource {
                     format!("names {}, which cannot be read: {e}", path.display()),
                 )
             })?;
-            Some(SecretString::from(text.trim_end_matches(['\n', '\r']).to_owned()))
+            Some(SecretString::from(
+                text.trim_end_matches(['\n', '\r']).to_owned(),
+            ))
         } else {
             self.password
         };
@@ -598,9 +612,7 @@ impl RawSource {
             other => {
                 return Err(ConfigError::invalid(
                     "source.sslmode",
-                    format!(
-                        "is {other:?}; use disable, prefer, require, verify-ca or verify-full"
-                    ),
+                    format!("is {other:?}; use disable, prefer, require, verify-ca or verify-full"),
                 ));
             }
         };
@@ -621,9 +633,7 @@ impl RawSource {
         check_identifier("source.user", &self.user)?;
         check_identifier("source.schema", &schema)?;
         check_identifier("source.table", &self.table)?;
-        let slot = self
-            .slot
-            .unwrap_or_else(|| default_object_name(pipeline));
+        let slot = self.slot.unwrap_or_else(|| default_object_name(pipeline));
         check_slot_name(&slot)?;
         let publication = self
             .publication
@@ -741,7 +751,9 @@ impl RawSchedule {
                 if d < Duration::from_secs(60) {
                     return Err(ConfigError::invalid(
                         "schedule.frequency",
-                        format!("is {other:?}; windows are at least \"1m\" (use \"realtime\" for continuous delivery)"),
+                        format!(
+                            "is {other:?}; windows are at least \"1m\" (use \"realtime\" for continuous delivery)"
+                        ),
                     ));
                 }
                 Frequency::Every(d)
@@ -912,7 +924,10 @@ type = "stdout"
         )
         .expect("valid");
         assert_eq!(c.source.port, 6543);
-        assert_eq!(c.schedule.frequency, Frequency::Every(Duration::from_secs(3600)));
+        assert_eq!(
+            c.schedule.frequency,
+            Frequency::Every(Duration::from_secs(3600))
+        );
     }
 
     #[test]
@@ -924,14 +939,46 @@ type = "stdout"
     #[test]
     fn bad_values_name_their_key() {
         for (from, to, key) in [
-            ("type = \"stdout\"", "type = \"carrier-pigeon\"", "destination.type"),
-            ("table = \"users\"", "table = \"users\"\nslot = \"Bad-Slot\"", "source.slot"),
-            ("table = \"users\"", "table = \"users\"\nsslmode = \"maybe\"", "source.sslmode"),
-            ("[destination]", "[schedule]\nfrequency = \"often\"\n[destination]", "schedule.frequency"),
-            ("[destination]", "[schedule]\nstart_at = \"25:00\"\n[destination]", "schedule.start_at"),
-            ("[destination]", "[schedule]\nmemory_limit = \"lots\"\n[destination]", "schedule.memory_limit"),
-            ("[destination]", "[sync]\nmode = \"sideways\"\n[destination]", "sync.mode"),
-            ("[destination]", "[mapping]\ncolumns = []\n[destination]", "mapping.columns"),
+            (
+                "type = \"stdout\"",
+                "type = \"carrier-pigeon\"",
+                "destination.type",
+            ),
+            (
+                "table = \"users\"",
+                "table = \"users\"\nslot = \"Bad-Slot\"",
+                "source.slot",
+            ),
+            (
+                "table = \"users\"",
+                "table = \"users\"\nsslmode = \"maybe\"",
+                "source.sslmode",
+            ),
+            (
+                "[destination]",
+                "[schedule]\nfrequency = \"often\"\n[destination]",
+                "schedule.frequency",
+            ),
+            (
+                "[destination]",
+                "[schedule]\nstart_at = \"25:00\"\n[destination]",
+                "schedule.start_at",
+            ),
+            (
+                "[destination]",
+                "[schedule]\nmemory_limit = \"lots\"\n[destination]",
+                "schedule.memory_limit",
+            ),
+            (
+                "[destination]",
+                "[sync]\nmode = \"sideways\"\n[destination]",
+                "sync.mode",
+            ),
+            (
+                "[destination]",
+                "[mapping]\ncolumns = []\n[destination]",
+                "mapping.columns",
+            ),
             ("type = \"stdout\"", "type = \"file\"", "destination.path"),
         ] {
             let text = MINIMAL.replace(from, to);
@@ -947,7 +994,10 @@ type = "stdout"
             "password_env = \"SLOTSTREAM_TEST_UNSET_VAR_XYZ\"",
         );
         let err = parse(&text, &[]).expect_err("unset");
-        assert!(err.to_string().contains("SLOTSTREAM_TEST_UNSET_VAR_XYZ"), "{err}");
+        assert!(
+            err.to_string().contains("SLOTSTREAM_TEST_UNSET_VAR_XYZ"),
+            "{err}"
+        );
     }
 
     #[test]

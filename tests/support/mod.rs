@@ -658,3 +658,352 @@ pub fn sigterm(child: &std::process::Child) {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
 }
+
+/// Sends SIGKILL to a child (a crash: no draining, no checkpoint).
+pub fn sigkill(child: &std::process::Child) {
+    // SAFETY: kill(2) with a pid we own.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+}
+
+impl Fixture {
+    /// The pipeline's `full_sync_state` (`pending`, `running`, `done`), if its row exists.
+    pub async fn full_sync_state(&self) -> Option<String> {
+        self.db
+            .connect()
+            .await
+            .query_opt(
+                r#"SELECT full_sync_state FROM "_rudderstack".cdc_checkpoints WHERE pipeline = $1"#,
+                &[&self.name],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0))
+    }
+
+    /// Number of newline-terminated lines in the events file (no parsing: cheap to poll).
+    pub fn event_lines(&self) -> usize {
+        std::fs::read(&self.events)
+            .map(|b| b.iter().filter(|c| **c == b'\n').count())
+            .unwrap_or(0)
+    }
+}
+
+/// The kind of change an event carries (`context.sources.op`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EventOp {
+    /// A full-sync row.
+    Snapshot,
+    /// A streamed insert.
+    Insert,
+    /// A streamed update.
+    Update,
+    /// A streamed delete (a `Record Deleted` track event).
+    Delete,
+}
+
+/// The parts of an event the full-sync tests look at.
+#[derive(Debug, Clone)]
+pub struct LightEvent {
+    /// `identify` (true) or `track` (false).
+    pub identify: bool,
+    /// messageId.
+    pub message_id: String,
+    /// userId.
+    pub user_id: Option<String>,
+    /// context.sources.op.
+    pub op: EventOp,
+    /// context.sources.lsn.
+    pub lsn: String,
+    /// The traits object as sent (JSON text), for identify events.
+    pub traits: Option<String>,
+}
+
+fn json_string_at<'a>(line: &'a str, marker: &str) -> Option<(&'a str, usize)> {
+    let start = line.find(marker)? + marker.len();
+    let bytes = line.as_bytes();
+    let mut i = start;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return Some((&line[start..i], i + 1)),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+fn unescape_json_string(raw: &str) -> String {
+    if raw.contains('\\') {
+        serde_json::from_str(&format!("\"{raw}\"")).expect("JSON string")
+    } else {
+        raw.to_owned()
+    }
+}
+
+/// Reads the fields of one event line by their positions in slotstream's serialization (field
+/// order fixed by the Event struct), without a full JSON parse: a test binary is built at
+/// opt-level 1, where serde_json needs tens of seconds for a million events. `None` when the
+/// line does not have the expected layout (the caller falls back to serde_json).
+fn light_event_fast(line: &str) -> Option<LightEvent> {
+    let identify = line.starts_with("{\"type\":\"identify\",");
+    if !identify && !line.starts_with("{\"type\":\"track\",") {
+        return None;
+    }
+    // Everything before the traits/properties object is top level; strings there are
+    // escaped, so the markers cannot occur inside values.
+    let body_at = if identify {
+        line.find(",\"traits\":{")?
+    } else {
+        line.find(",\"properties\":{")?
+    };
+    let head = &line[..body_at];
+    let (message_id, _) = json_string_at(head, "\"messageId\":\"")?;
+    let user_id = json_string_at(head, ",\"userId\":\"").map(|(raw, _)| unescape_json_string(raw));
+    // The context is the last object: after it only the two timestamps follow.
+    let context_at = line.rfind(",\"context\":{\"library\":")?;
+    let sources = &line[context_at..];
+    let sources = &sources[sources.find("\"sources\":{")?..];
+    let (op, _) = json_string_at(sources, "\"op\":\"")?;
+    let (lsn, _) = json_string_at(sources, "\"lsn\":\"")?;
+    let op = match op {
+        "snapshot" => EventOp::Snapshot,
+        "insert" => EventOp::Insert,
+        "update" => EventOp::Update,
+        "delete" => EventOp::Delete,
+        _ => return None,
+    };
+    let traits = identify.then(|| line[body_at + ",\"traits\":".len()..context_at].to_owned());
+    Some(LightEvent {
+        identify,
+        message_id: message_id.to_owned(),
+        user_id,
+        op,
+        lsn: lsn.to_owned(),
+        traits,
+    })
+}
+
+fn light_event_slow(line: &str) -> LightEvent {
+    let v: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("bad event line ({e}): {line}"));
+    let op = match v["context"]["sources"]["op"].as_str() {
+        Some("snapshot") => EventOp::Snapshot,
+        Some("insert") => EventOp::Insert,
+        Some("update") => EventOp::Update,
+        Some("delete") => EventOp::Delete,
+        other => panic!("unexpected op {other:?}: {line}"),
+    };
+    LightEvent {
+        identify: v["type"] == "identify",
+        message_id: v["messageId"].as_str().expect("messageId").to_owned(),
+        user_id: v["userId"].as_str().map(str::to_owned),
+        op,
+        lsn: v["context"]["sources"]["lsn"].as_str().unwrap_or("").to_owned(),
+        traits: v.get("traits").map(|t| t.to_string()),
+    }
+}
+
+/// Every complete event of a JSONL events file, in file order. A line cut short by a crash
+/// mid-write (the sink appends a newline after it on restart) is skipped.
+pub fn read_light_events(path: &Path) -> Vec<LightEvent> {
+    use std::io::BufRead;
+    let Ok(file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let reader = std::io::BufReader::with_capacity(1 << 20, file);
+    for line in reader.lines() {
+        let line = line.expect("read events file");
+        // A complete event ends with its sentAt string and the closing brace.
+        if !line.ends_with("\"}") || !line.contains("\"sentAt\":\"") {
+            continue;
+        }
+        out.push(light_event_fast(&line).unwrap_or_else(|| light_event_slow(&line)));
+    }
+    out
+}
+
+/// A summary of a run of events.
+#[derive(Debug, Default)]
+pub struct EventSummary {
+    /// Events per op.
+    pub ops: std::collections::BTreeMap<EventOp, usize>,
+    /// Events.
+    pub events: usize,
+    /// Events whose messageId an earlier event already had.
+    pub duplicate_message_ids: usize,
+    /// userIds with an insert event after a snapshot event: a row counted twice at the
+    /// snapshot/stream boundary, when ids are never reused. At most 10.
+    pub inserted_after_snapshot: Vec<String>,
+    /// Events without a userId.
+    pub without_user_id: usize,
+}
+
+impl EventSummary {
+    /// Events of `op`.
+    pub fn op(&self, op: EventOp) -> usize {
+        self.ops.get(&op).copied().unwrap_or(0)
+    }
+}
+
+/// Summarises `events`.
+pub fn summarize_events(events: &[LightEvent]) -> EventSummary {
+    let mut s = EventSummary::default();
+    let mut ids = std::collections::HashSet::with_capacity(events.len());
+    let mut snapshot_users = std::collections::HashSet::new();
+    for e in events {
+        s.events += 1;
+        *s.ops.entry(e.op).or_default() += 1;
+        if !ids.insert(e.message_id.as_str()) {
+            s.duplicate_message_ids += 1;
+        }
+        let Some(user) = &e.user_id else {
+            s.without_user_id += 1;
+            continue;
+        };
+        match e.op {
+            EventOp::Snapshot => {
+                snapshot_users.insert(user.as_str());
+            }
+            EventOp::Insert
+                if snapshot_users.contains(user.as_str())
+                    && s.inserted_after_snapshot.len() < 10 =>
+            {
+                s.inserted_after_snapshot.push(user.clone());
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+/// What a destination holds after applying `events` in order: for each userId the traits of
+/// its last identify (JSON text as sent); a `Record Deleted` track event removes the user.
+pub fn fold_events(events: &[LightEvent]) -> std::collections::HashMap<String, String> {
+    let mut state = std::collections::HashMap::with_capacity(events.len());
+    for e in events {
+        let user = e.user_id.clone().expect("every event has a userId");
+        match &e.traits {
+            Some(t) if e.identify => {
+                state.insert(user, t.clone());
+            }
+            _ => {
+                state.remove(&user);
+            }
+        }
+    }
+    state
+}
+
+/// The table as the events should carry it: `key_column::text → {trait key: to_jsonb(column),
+/// …}` as compact JSON text in column order (what slotstream writes for scalar columns), for
+/// every row. `traits` lists `(trait key, column)` pairs; `None` means every column under its
+/// own name. The session is set to UTC first (slotstream pins `TimeZone=UTC`, and `to_jsonb`
+/// of a timestamptz depends on it).
+pub async fn table_state(
+    client: &tokio_postgres::Client,
+    table: &str,
+    key_column: &str,
+    traits: Option<&[(&str, &str)]>,
+) -> std::collections::HashMap<String, String> {
+    use futures_util::TryStreamExt;
+    let ident = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let literal = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    client
+        .batch_execute("SET TimeZone = 'UTC'")
+        .await
+        .expect("set timezone");
+    let pairs: Vec<(String, String)> = match traits {
+        Some(t) => t.iter().map(|(k, c)| (k.to_string(), c.to_string())).collect(),
+        None => client
+            .query(
+                "SELECT attname::text FROM pg_attribute
+                  WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped
+                  ORDER BY attnum",
+                &[&table],
+            )
+            .await
+            .expect("read columns")
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(0)))
+            .collect(),
+    };
+    let members = pairs
+        .iter()
+        .map(|(k, c)| {
+            format!(
+                "to_json({}::text)::text || ':' || coalesce(to_jsonb({})::text, 'null')",
+                literal(k),
+                ident(c)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" || ',' || ");
+    let sql = format!(
+        "SELECT {}::text, '{{' || {members} || '}}' FROM {table}",
+        ident(key_column)
+    );
+    let rows = client
+        .query_raw(sql.as_str(), std::iter::empty::<i32>())
+        .await
+        .expect("read table");
+    let mut rows = std::pin::pin!(rows);
+    let mut state = std::collections::HashMap::new();
+    while let Some(row) = rows.try_next().await.expect("read row") {
+        state.insert(row.get::<_, String>(0), row.get::<_, String>(1));
+    }
+    state
+}
+
+/// Whether two JSON texts are the same value: byte for byte, else as parsed JSON (object keys
+/// in any order, numbers digit for digit).
+fn same_json(a: &str, b: &str) -> bool {
+    a == b
+        || matches!(
+            (serde_json::from_str::<serde_json::Value>(a), serde_json::from_str::<serde_json::Value>(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
+/// Asserts that the state rebuilt from the events equals the table: no row missing, none
+/// extra, no stale version. Prints up to 10 examples of each difference.
+pub fn assert_same_state(
+    events: &std::collections::HashMap<String, String>,
+    table: &std::collections::HashMap<String, String>,
+) {
+    let mut missing = Vec::new();
+    let mut stale = Vec::new();
+    for (key, row) in table {
+        match events.get(key) {
+            None => missing.push(format!("{key}: table {row}")),
+            Some(sent) if !same_json(sent, row) => {
+                stale.push(format!("{key}: sent {sent}, table {row}"))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut extra: Vec<String> = events
+        .iter()
+        .filter(|(k, _)| !table.contains_key(*k))
+        .map(|(k, v)| format!("{k}: sent {v}"))
+        .collect();
+    let show = |v: &mut Vec<String>| {
+        v.sort();
+        v.iter().take(10).cloned().collect::<Vec<_>>().join("\n  ")
+    };
+    assert!(
+        missing.is_empty() && stale.is_empty() && extra.is_empty(),
+        "events and table differ ({} rows in the table, {} in the events): {} missing, {} stale, {} extra\nmissing:\n  {}\nstale:\n  {}\nextra:\n  {}",
+        table.len(),
+        events.len(),
+        missing.len(),
+        stale.len(),
+        extra.len(),
+        show(&mut missing),
+        show(&mut stale),
+        show(&mut extra),
+    );
+}

@@ -1,0 +1,412 @@
+//! The table checks: access (check 6), the state schema (check 7), the mapping against the
+//! real columns (checks 8 and 9) and the replica identity (check 11).
+
+use super::{Ctx, Fix, STATE_SCHEMA, STATE_TABLES, quoted_list};
+use crate::config::SyncMode;
+use crate::postgres::{PgError, catalog, quote_ident};
+use crate::transform::mapping::{MappingError, Projection};
+
+impl Ctx<'_> {
+    pub(super) async fn check_table_access(&mut self) -> Result<(), PgError> {
+        let schema = &self.config.source.schema;
+        let qschema = quote_ident(schema);
+        let user = self.user();
+        let ns = self
+            .client
+            .query_opt(
+                "SELECT oid, has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = $1",
+                &[schema],
+            )
+            .await
+            .map_err(|e| PgError::query("looking up the table's schema", e))?;
+        let Some(ns) = ns else {
+            let schemas: Vec<String> = self
+                .client
+                .query(
+                    "SELECT nspname::text FROM pg_namespace
+                      WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'
+                      ORDER BY 1",
+                    &[],
+                )
+                .await
+                .map_err(|e| PgError::query("listing the schemas", e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            self.report.fail(
+                format!(
+                    "schema {qschema} does not exist; the database's schemas are: {}",
+                    schemas.join(", ")
+                ),
+                vec![Fix::Step(
+                    "set source.schema to the schema that holds the table".into(),
+                )],
+            );
+            return Ok(());
+        };
+        let ns_oid: u32 = ns.get(0);
+        if ns.get::<_, bool>(1) {
+            self.report
+                .pass(format!("role {user} may use schema {qschema}"));
+        } else {
+            self.report.fail(
+                format!("role {user} has no USAGE privilege on schema {qschema}"),
+                vec![Fix::Sql(format!(
+                    "GRANT USAGE ON SCHEMA {qschema} TO {user};"
+                ))],
+            );
+        }
+        let qtable = self.qtable();
+        let table = catalog::table(&self.client, schema, &self.config.source.table).await?;
+        let Some(table) = table else {
+            let tables: Vec<String> = self
+                .client
+                .query(
+                    "SELECT relname::text FROM pg_class
+                      WHERE relnamespace = $1 AND relkind IN ('r', 'p') ORDER BY 1 LIMIT 50",
+                    &[&ns_oid],
+                )
+                .await
+                .map_err(|e| PgError::query("listing the schema's tables", e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let found = if tables.is_empty() {
+                format!("schema {qschema} has no tables")
+            } else {
+                format!("the tables in schema {qschema} are: {}", tables.join(", "))
+            };
+            self.report.fail(
+                format!("table {qtable} does not exist; {found}"),
+                vec![Fix::Step("set source.table to the table to stream".into())],
+            );
+            return Ok(());
+        };
+        let select: bool = self
+            .client
+            .query_one(
+                "SELECT has_table_privilege($1::oid, 'SELECT')",
+                &[&table.oid],
+            )
+            .await
+            .map_err(|e| PgError::query("checking SELECT on the table", e))?
+            .get(0);
+        if select {
+            self.report
+                .pass(format!("role {user} may read table {qtable}"));
+        } else {
+            self.report.fail(
+                format!("role {user} has no SELECT privilege on table {qtable}, which the full sync needs"),
+                vec![Fix::Sql(format!("GRANT SELECT ON TABLE {qtable} TO {user};"))],
+            );
+        }
+        self.table = Some(table);
+        Ok(())
+    }
+
+    pub(super) async fn check_state_schema(&mut self) -> Result<(), PgError> {
+        let user = self.user();
+        let qstate = quote_ident(STATE_SCHEMA);
+        let grant_schema = Fix::Sql(format!("GRANT ALL ON SCHEMA {qstate} TO {user};"));
+        let grant_tables = Fix::Sql(format!(
+            "GRANT ALL PRIVILEGES ON ALL TABLES IN SCHEMA {qstate} TO {user};"
+        ));
+        let row = self
+            .client
+            .query_opt(
+                "SELECT oid, has_schema_privilege(oid, 'USAGE'), has_schema_privilege(oid, 'CREATE')
+                   FROM pg_namespace WHERE nspname = $1",
+                &[&STATE_SCHEMA],
+            )
+            .await
+            .map_err(|e| PgError::query("looking up the state schema", e))?;
+        let Some(row) = row else {
+            self.report.fail(
+                format!(
+                    "schema {qstate} does not exist, and slotstream keeps its checkpoint there"
+                ),
+                vec![
+                    Fix::Sql(format!("CREATE SCHEMA IF NOT EXISTS {qstate};")),
+                    grant_schema,
+                    grant_tables,
+                ],
+            );
+            return Ok(());
+        };
+        let (oid, usage, create): (u32, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        if !usage || !create {
+            let missing = match (usage, create) {
+                (false, false) => "USAGE and CREATE",
+                (false, true) => "USAGE",
+                _ => "CREATE",
+            };
+            self.report.fail(
+                format!(
+                    "role {user} lacks {missing} on schema {qstate}, so slotstream cannot create its state tables there"
+                ),
+                vec![grant_schema, grant_tables],
+            );
+            return Ok(());
+        }
+        let names: Vec<String> = STATE_TABLES.iter().map(|s| (*s).to_owned()).collect();
+        let denied: Vec<String> = self
+            .client
+            .query(
+                "SELECT c.relname::text FROM pg_class c
+                  WHERE c.relnamespace = $1 AND c.relkind IN ('r', 'p')
+                    AND c.relname::text = ANY($2)
+                    AND NOT (has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT')
+                             AND has_table_privilege(c.oid, 'UPDATE') AND has_table_privilege(c.oid, 'DELETE'))
+                  ORDER BY 1",
+                &[&oid, &names],
+            )
+            .await
+            .map_err(|e| PgError::query("checking privileges on the state tables", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // State tables created by another pipeline's role have bigserial ids: inserting needs
+        // USAGE on their sequences, which GRANT … ON ALL TABLES does not give.
+        let sequences: Vec<String> = self
+            .client
+            .query(
+                "SELECT c.relname::text FROM pg_class c
+                  WHERE c.relnamespace = $1
+                    -- CASE, not AND: the planner may evaluate the function on other relations.
+                    AND CASE WHEN c.relkind = 'S'
+                             THEN NOT has_sequence_privilege(c.oid, 'USAGE') ELSE false END
+                  ORDER BY 1",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| PgError::query("checking privileges on the state sequences", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if denied.is_empty() && sequences.is_empty() {
+            self.report.pass(format!(
+                "role {user} may create and use slotstream's state tables in schema {qstate}"
+            ));
+            return Ok(());
+        }
+        let mut problems = Vec::new();
+        let mut fixes = Vec::new();
+        if !denied.is_empty() {
+            problems.push(format!(
+                "read and write the state tables {}",
+                quoted_list(&denied)
+            ));
+            fixes.push(grant_tables);
+        }
+        if !sequences.is_empty() {
+            problems.push(format!("use the sequences {}", quoted_list(&sequences)));
+            fixes.push(Fix::Sql(format!(
+                "GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {qstate} TO {user};"
+            )));
+        }
+        self.report.fail(
+            format!(
+                "role {user} cannot {} in schema {qstate}",
+                problems.join(" or ")
+            ),
+            fixes,
+        );
+        Ok(())
+    }
+
+    /// Checks 8 and 9: identifier columns (the rule lives in [`Projection::resolve`]) and the
+    /// selected columns.
+    pub(super) fn check_mapping(&mut self) {
+        let Some(table) = &self.table else { return };
+        let qtable = self.qtable();
+        let mapping = &self.config.mapping;
+        let resolved = Projection::resolve(
+            mapping,
+            &qtable,
+            table.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
+        );
+        match resolved {
+            Ok(projection) => {
+                let name = |i: Option<usize>| {
+                    i.and_then(|i| table.columns.get(i))
+                        .map(|c| quote_ident(&c.name))
+                };
+                let found: Vec<String> = [
+                    ("userId", name(projection.user_id)),
+                    ("anonymousId", name(projection.anonymous_id)),
+                    ("email", name(projection.email)),
+                ]
+                .into_iter()
+                .filter_map(|(role, col)| col.map(|c| format!("{role} from {c}")))
+                .collect();
+                self.report.pass(format!(
+                    "table {qtable} has identifier columns: {}",
+                    found.join(", ")
+                ));
+                self.projection = Some(projection);
+            }
+            Err(e) => {
+                let fix = match &e {
+                    MappingError::NoIdentifierColumn { .. } => Fix::Step(
+                        "name the column that identifies the user under [mapping.identifiers] (e.g. user_id = \"<column>\"), or add a user_id, anonymous_id or email column to the table".into(),
+                    ),
+                    other => Fix::Step(other.hint()),
+                };
+                self.report.fail(e.to_string(), vec![fix]);
+            }
+        }
+        match &mapping.columns {
+            None => self.report.pass(format!(
+                "all {} columns of {qtable} are sent as traits ([mapping] columns is not set)",
+                table.columns.len()
+            )),
+            Some(selected) => {
+                let missing: Vec<&String> = selected
+                    .iter()
+                    .filter(|c| table.column(c).is_none())
+                    .collect();
+                if missing.is_empty() {
+                    self.report.pass(format!(
+                        "the {} selected columns exist in {qtable}",
+                        selected.len()
+                    ));
+                } else {
+                    self.report.fail(
+                        format!(
+                            "table {qtable} has no column {} of [mapping] columns; its columns are: {}",
+                            quoted_list(&missing),
+                            table.column_list()
+                        ),
+                        vec![Fix::Step(
+                            "fix [mapping] columns, or remove the key to send every column".into(),
+                        )],
+                    );
+                }
+            }
+        }
+    }
+
+    /// The table's columns that the mapping reads: selected (all when unset) and identifiers.
+    pub(super) fn needed_columns(&self) -> Vec<String> {
+        let Some(table) = &self.table else {
+            return Vec::new();
+        };
+        let mut needed: Vec<String> = match &self.config.mapping.columns {
+            None => table.columns.iter().map(|c| c.name.clone()).collect(),
+            Some(sel) => sel
+                .iter()
+                .filter(|c| table.column(c).is_some())
+                .cloned()
+                .collect(),
+        };
+        for id in self.identifier_columns() {
+            if !needed.contains(&id) {
+                needed.push(id);
+            }
+        }
+        needed
+    }
+
+    /// Names of the identifier columns the projection resolved.
+    pub(super) fn identifier_columns(&self) -> Vec<String> {
+        let (Some(table), Some(p)) = (&self.table, &self.projection) else {
+            return Vec::new();
+        };
+        [p.user_id, p.anonymous_id, p.email]
+            .into_iter()
+            .flatten()
+            .filter_map(|i| table.columns.get(i).map(|c| c.name.clone()))
+            .collect()
+    }
+
+    /// Check 11: the replica identity suits the sync mode; TOASTed columns warn.
+    pub(super) fn check_replica_identity(&mut self) {
+        let Some(table) = &self.table else { return };
+        let qtable = self.qtable();
+        let ri: Vec<&str> = table
+            .columns
+            .iter()
+            .filter(|c| c.replica_identity)
+            .map(|c| c.name.as_str())
+            .collect();
+        let kind = match table.replica_identity {
+            'f' => "FULL".to_owned(),
+            'n' => "NOTHING".to_owned(),
+            'i' => "USING INDEX".to_owned(),
+            _ => "DEFAULT".to_owned(),
+        };
+        let full_fix = Fix::Sql(format!("ALTER TABLE {qtable} REPLICA IDENTITY FULL;"));
+        if ri.is_empty() {
+            let why = match table.replica_identity {
+                'n' => "REPLICA IDENTITY NOTHING".to_owned(),
+                'i' => "REPLICA IDENTITY USING INDEX, but that index is gone".to_owned(),
+                _ => "REPLICA IDENTITY DEFAULT but no primary key".to_owned(),
+            };
+            self.report.fail(
+                format!("table {qtable} has {why}, so the server rejects every UPDATE of it once it is published for updates"),
+                vec![
+                    full_fix.clone(),
+                    Fix::Step("or give the table a primary key and use REPLICA IDENTITY DEFAULT".into()),
+                ],
+            );
+        } else {
+            let described = if table.replica_identity == 'f' {
+                "FULL: every column".to_owned()
+            } else {
+                format!("{kind}: {}", quoted_list(&ri))
+            };
+            let ids = self.identifier_columns();
+            if self.config.sync_mode == SyncMode::Mirror && self.projection.is_some() {
+                let outside: Vec<&String> =
+                    ids.iter().filter(|c| !ri.contains(&c.as_str())).collect();
+                if outside.is_empty() {
+                    self.report.pass(format!(
+                        "the replica identity of {qtable} ({described}) includes the identifier columns, so mirror mode can identify deleted rows"
+                    ));
+                } else {
+                    self.report.fail(
+                        format!(
+                            "mirror mode sends deletes, but the identifier column{} {} {} not in the replica identity of {qtable} ({described}), so deleted rows could not be identified",
+                            if outside.len() == 1 { "" } else { "s" },
+                            quoted_list(&outside),
+                            if outside.len() == 1 { "is" } else { "are" },
+                        ),
+                        vec![full_fix.clone()],
+                    );
+                }
+            } else {
+                self.report.pass(format!(
+                    "table {qtable} has a replica identity ({described}), so its updates are published"
+                ));
+            }
+        }
+        if table.replica_identity != 'f' {
+            let toastable: Vec<&str> = match &self.config.mapping.columns {
+                None => table
+                    .columns
+                    .iter()
+                    .filter(|c| c.toastable)
+                    .map(|c| c.name.as_str())
+                    .collect(),
+                Some(sel) => sel
+                    .iter()
+                    .filter(|c| table.column(c).is_some_and(|col| col.toastable))
+                    .map(String::as_str)
+                    .collect(),
+            };
+            if !toastable.is_empty() {
+                self.report.warn(
+                    format!(
+                        "selected column{} {} of {qtable} can be stored out of line (TOAST): an update that leaves such a large value unchanged does not resend it, so that trait is left out of the update event",
+                        if toastable.len() == 1 { "" } else { "s" },
+                        quoted_list(&toastable)
+                    ),
+                    vec![
+                        full_fix,
+                        Fix::Step("REPLICA IDENTITY FULL logs every column on update, at the cost of more WAL".into()),
+                    ],
+                );
+            }
+        }
+    }
+}
