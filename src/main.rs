@@ -76,7 +76,15 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::RUNTIME as u8);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    // The command runs as a task of the runtime rather than on this thread, so its channel
+    // hand-offs with the other tasks (replication worker, deliverer) are wake-ups inside the
+    // runtime's workers, not wake-ups of a thread parked outside them.
+    let result = runtime.block_on(async {
+        tokio::spawn(run(cli.command))
+            .await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("the command's task failed: {e}"))))
+    });
+    match result {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("error: {e}");

@@ -44,16 +44,23 @@ use crate::sink::{self, Sink};
 use crate::source::SourceError;
 use crate::source::snapshot::{CopyTextParser, SnapshotQuery, snapshot_row_message_id};
 use crate::source::stream;
-use crate::transform::event::{EventFactory, pg_micros_to_rfc3339, stream_message_id};
+use crate::transform::event::{EventFactory, Stamp, pg_micros_to_rfc3339, stream_message_id};
 use crate::transform::mapping::CellRef;
 use crate::transform::{Event, Op, ProjectedRow, Projection};
 
-/// Capacity of the reader → deliverer channel, in items.
-const CHANNEL_CAPACITY: usize = 4096;
+/// Items per message on the reader → deliverer channel: handing rows over in chunks rather than
+/// one by one saves a channel operation, and often a thread wake-up, per row.
+const CHUNK_ITEMS: usize = 256;
+/// Capacity of the reader → deliverer channel, in chunks: at most 4096 items in flight.
+const CHANNEL_CHUNKS: usize = 16;
 /// Minimum time between two checkpoints that record delivered changes.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// Minimum time between two checkpoints that only follow idle WAL (keepalives).
 const IDLE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// Retries of a failing `run --once` before it gives up and exits non-zero: a one-shot job
+/// (cron, CI) must end and report a lasting failure (a full disk, a destination down) instead of
+/// retrying forever; a brief blip (a server restart) is still ridden out.
+const ONCE_MAX_RETRIES: u32 = 3;
 /// How often the full sync reports progress when stderr is not a terminal.
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -142,11 +149,17 @@ pub async fn run_with_shutdown(
     let sink = Arc::new(tokio::sync::Mutex::new(sink));
     let mut backoff = Duration::from_millis(500);
     let mut once_target: Option<Lsn> = None;
+    let mut retries: u32 = 0;
     loop {
         let started = Instant::now();
         match run_session(config, once, &mut once_target, shutdown.clone(), sink.clone()).await {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_retryable() && !*shutdown.borrow() => {
+            Err(e)
+                if e.is_retryable()
+                    && !*shutdown.borrow()
+                    && !(once && retries >= ONCE_MAX_RETRIES) =>
+            {
+                retries += 1;
                 if started.elapsed() > Duration::from_secs(60) {
                     backoff = Duration::from_millis(500);
                 }
@@ -215,6 +228,11 @@ async fn run_session(
         .await
         .map_err(|e| PgError::query("loading the table's column types", e))?;
 
+    // Read before the checkpoint row's upsert below, whose commit then lies past the target:
+    // the WAL always moves beyond the target, so the stream reaches it even on an idle server.
+    if once && once_target.is_none() {
+        *once_target = Some(stream::current_wal_lsn(&control).await?);
+    }
     let checkpoint = state::ensure(
         &control,
         &config.name,
@@ -238,11 +256,8 @@ async fn run_session(
     } else {
         None
     };
-    if once && once_target.is_none() {
-        *once_target = Some(stream::current_wal_lsn(&control).await?);
-    }
 
-    let (tx, rx) = mpsc::channel::<Item>(CHANNEL_CAPACITY);
+    let (tx, rx) = mpsc::channel::<Vec<Item>>(CHANNEL_CHUNKS);
     let (ack_tx, ack_rx) = watch::channel(checkpoint.lsn);
     let deliverer_control = connect_control(config).await?;
     let limits = BatchLimits {
@@ -277,7 +292,7 @@ async fn run_session(
         config,
         control,
         ctx,
-        tx,
+        out: Outbox::new(tx),
         ack_rx,
         shutdown,
     };
@@ -343,14 +358,22 @@ struct Deliverer {
 }
 
 impl Deliverer {
-    async fn run(&mut self, sink: &mut dyn Sink, mut rx: mpsc::Receiver<Item>) -> Result<Lsn, Error> {
+    async fn run(
+        &mut self,
+        sink: &mut dyn Sink,
+        mut rx: mpsc::Receiver<Vec<Item>>,
+    ) -> Result<Lsn, Error> {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.batch.deadline();
             tokio::select! {
-                item = rx.recv() => match item {
-                    Some(item) => self.handle(sink, item).await?,
+                chunk = rx.recv() => match chunk {
+                    Some(items) => {
+                        for item in items {
+                            self.handle(sink, item).await?;
+                        }
+                    }
                     None => break,
                 },
                 _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
@@ -454,7 +477,7 @@ struct Reader<'a> {
     config: &'a Config,
     control: tokio_postgres::Client,
     ctx: TableContext,
-    tx: mpsc::Sender<Item>,
+    out: Outbox,
     ack_rx: watch::Receiver<Lsn>,
     shutdown: watch::Receiver<bool>,
 }
@@ -466,11 +489,49 @@ enum Stop {
     DelivererGone,
 }
 
-impl Reader<'_> {
-    async fn send(&self, item: Item) -> Result<(), Stop> {
-        self.tx.send(item).await.map_err(|_| Stop::DelivererGone)
+/// The reader's end of the channel: items queue here and go to the deliverer in chunks.
+struct Outbox {
+    tx: mpsc::Sender<Vec<Item>>,
+    /// Items not yet handed to the deliverer, in WAL order (fewer than [`CHUNK_ITEMS`]).
+    pending: Vec<Item>,
+}
+
+impl Outbox {
+    fn new(tx: mpsc::Sender<Vec<Item>>) -> Self {
+        Outbox {
+            tx,
+            pending: Vec::with_capacity(CHUNK_ITEMS),
+        }
     }
 
+    /// Queues `item` for the deliverer; hands the queue over once it holds a full chunk.
+    async fn send(&mut self, item: Item) -> Result<(), Stop> {
+        self.pending.push(item);
+        if self.pending.len() >= CHUNK_ITEMS {
+            self.flush().await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Queues `item` and hands the queue over now: at commits, keepalives and the end of the
+    /// full sync, so a committed change never waits for later rows.
+    async fn send_now(&mut self, item: Item) -> Result<(), Stop> {
+        self.pending.push(item);
+        self.flush().await
+    }
+
+    /// Hands the queued items to the deliverer (blocks while the channel is full).
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(CHUNK_ITEMS));
+        self.tx.send(chunk).await.map_err(|_| Stop::DelivererGone)
+    }
+}
+
+impl Reader<'_> {
     async fn run(
         mut self,
         full_sync_reason: Option<&'static str>,
@@ -483,37 +544,62 @@ impl Reader<'_> {
         let (session, start) = match full_sync_reason {
             Some(reason) => {
                 tracing::info!(reason, "starting a full sync");
-                if let Some(info) = &slot {
-                    if let Some(pid) = info.active_pid {
-                        return Err(SourceError::SlotBusy {
-                            slot: src.slot.clone(),
-                            pid,
+                if let Some(pid) = slot.as_ref().and_then(|info| info.active_pid) {
+                    return Err(SourceError::SlotBusy {
+                        slot: src.slot.clone(),
+                        pid,
+                    }
+                    .into());
+                }
+                // A usable slot stays (see `full_sync_on_kept_slot`); a missing or unusable one
+                // is created (again) with the snapshot.
+                let keep = slot
+                    .as_ref()
+                    .is_some_and(|info| stream::check_slot(&src.slot, info, &src.database).is_ok());
+                let kept = if keep {
+                    self.full_sync_on_kept_slot(checkpoint, hash).await?
+                } else {
+                    None
+                };
+                match kept {
+                    Some(Ok(snapshot_lsn)) => {
+                        stream::wait_until_released(&self.control, &src.slot, Duration::from_secs(10))
+                            .await?;
+                        let ack = *self.ack_rx.borrow();
+                        let cfg = stream::replication_config(src, &self.config.name, snapshot_lsn, ack);
+                        let session = ReplicationClient::connect(cfg).await.map_err(SourceError::from)?;
+                        (session, snapshot_lsn)
+                    }
+                    Some(Err(_stop)) => return Ok(()),
+                    None => {
+                        if slot.is_some() {
+                            stream::drop_slot(&self.control, &src.slot).await?;
                         }
-                        .into());
+                        let cfg =
+                            stream::replication_config(src, &self.config.name, Lsn::ZERO, Lsn::ZERO);
+                        let exported = stream::create_slot_with_snapshot(cfg, &src.slot).await?;
+                        state::begin_full_sync(
+                            &self.control,
+                            &self.config.name,
+                            exported.consistent_point,
+                            hash,
+                            true,
+                        )
+                        .await?;
+                        match self
+                            .full_sync(Some(&exported.snapshot_name), exported.consistent_point)
+                            .await?
+                        {
+                            Ok(()) => {}
+                            Err(Stop::Shutdown | Stop::DelivererGone | Stop::ReachedTarget) => {
+                                return Ok(());
+                            }
+                        }
+                        let mut session = exported.session;
+                        session.start().await.map_err(SourceError::from)?;
+                        (session, exported.consistent_point)
                     }
-                    stream::drop_slot(&self.control, &src.slot).await?;
                 }
-                let cfg = stream::replication_config(src, &self.config.name, Lsn::ZERO, Lsn::ZERO);
-                let exported = stream::create_slot_with_snapshot(cfg, &src.slot).await?;
-                state::begin_full_sync(
-                    &self.control,
-                    &self.config.name,
-                    exported.consistent_point,
-                    hash,
-                )
-                .await?;
-                match self
-                    .full_sync(&exported.snapshot_name, exported.consistent_point)
-                    .await?
-                {
-                    Ok(()) => {}
-                    Err(Stop::Shutdown) | Err(Stop::DelivererGone) | Err(Stop::ReachedTarget) => {
-                        return Ok(());
-                    }
-                }
-                let mut session = exported.session;
-                session.start().await.map_err(SourceError::from)?;
-                (session, exported.consistent_point)
             }
             None => {
                 match &slot {
@@ -534,12 +620,16 @@ impl Reader<'_> {
         session.wait_started().await.map_err(SourceError::from)?;
         tracing::info!(slot = %src.slot, from = %start, "streaming");
         if once_target.is_some_and(|t| start >= t) {
-            drop(self.tx);
+            drop(self.out);
             return Ok(());
         }
-        let result = self.stream(&mut session, once_target).await;
-        let Reader { tx, mut ack_rx, .. } = self;
-        drop(tx);
+        let result = self.stream(&mut session, once_target, None).await;
+        if !matches!(result, Ok(Stop::DelivererGone)) {
+            // Rows read before a shutdown or an error are delivered, as they would be one by one.
+            let _ = self.out.flush().await;
+        }
+        let Reader { out, mut ack_rx, .. } = self;
+        drop(out);
         let stop = result?;
         if !matches!(stop, Stop::DelivererGone) {
             // Report the final checkpoint to the slot before closing the session.
@@ -558,10 +648,79 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// The COPY of the full sync, inside a transaction that imported the exported snapshot.
+    /// A full sync that keeps the pipeline's slot (a mapping change, `resync`, or a full sync
+    /// interrupted earlier). A temporary slot exports a snapshot and its consistent point C and
+    /// goes away once the snapshot is imported. The pipeline's slot is then read from the
+    /// checkpoint up to C and those changes are delivered first: above all the deletes, which
+    /// no snapshot can show (dropping the slot instead would leave rows deleted since the
+    /// checkpoint at the destination in mirror mode). Then the snapshot's rows; the stream
+    /// goes on from C on the same slot, so every commit lands on exactly one side of C.
+    /// `None`: no replication slot is free for the temporary slot; the caller falls back to
+    /// dropping and creating the pipeline's slot.
+    async fn full_sync_on_kept_slot(
+        &mut self,
+        checkpoint: Lsn,
+        hash: &str,
+    ) -> Result<Option<Result<Lsn, Stop>>, Error> {
+        let src = &self.config.source;
+        let name = &self.config.name;
+        let temporary = stream::snapshot_slot_name(&src.slot);
+        let cfg = stream::replication_config(src, name, Lsn::ZERO, Lsn::ZERO);
+        let exported = match stream::create_temporary_slot_with_snapshot(cfg, &temporary).await {
+            Ok(exported) => exported,
+            Err(SourceError::Replication(e)) if crate::source::sqlstate(&e) == Some("53400") => {
+                tracing::warn!(
+                    slot = %src.slot,
+                    "no replication slot is free for the full sync's temporary slot (max_replication_slots): the pipeline's slot is created again, and rows deleted since the last checkpoint get no Record Deleted event"
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let snapshot_lsn = exported.consistent_point;
+        // Recorded before the snapshot's transaction begins (it is read only). The checkpoint
+        // stays: a crash from here on starts the full sync again and reads the slot from it.
+        state::begin_full_sync(&self.control, name, snapshot_lsn, hash, false).await?;
+        self.import_snapshot(&exported.snapshot_name).await?;
+        // The imported snapshot belongs to this transaction now: the temporary slot can go.
+        drop(exported.session);
+        tracing::info!(slot = %src.slot, from = %checkpoint, to = %snapshot_lsn, "delivering the slot's changes up to the full sync's snapshot");
+        let cfg = stream::replication_config(src, name, checkpoint, checkpoint);
+        let mut session = ReplicationClient::connect(cfg).await.map_err(SourceError::from)?;
+        session.wait_started().await.map_err(SourceError::from)?;
+        let drained = self.stream(&mut session, None, Some(snapshot_lsn)).await;
+        let _ = session.shutdown().await;
+        match drained? {
+            Stop::ReachedTarget => {}
+            stop => return Ok(Some(Err(stop))),
+        }
+        if let Err(stop) = self.out.flush().await {
+            return Ok(Some(Err(stop)));
+        }
+        Ok(Some(
+            self.full_sync(None, snapshot_lsn)
+                .await?
+                .map(|()| snapshot_lsn),
+        ))
+    }
+
+    /// Opens the full sync's transaction on the exported snapshot `snapshot_name`.
+    async fn import_snapshot(&self, snapshot_name: &str) -> Result<(), Error> {
+        self.control
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                postgres::quote_literal(snapshot_name)
+            ))
+            .await
+            .map_err(|e| PgError::query("importing the slot's snapshot", e))?;
+        Ok(())
+    }
+
+    /// The COPY of the full sync, inside a transaction that imported the exported snapshot
+    /// (here when `snapshot_name` is given, else already by the caller).
     async fn full_sync(
         &mut self,
-        snapshot_name: &str,
+        snapshot_name: Option<&str>,
         snapshot_lsn: Lsn,
     ) -> Result<Result<(), Stop>, Error> {
         let mapping = &self.config.mapping;
@@ -577,13 +736,9 @@ impl Reader<'_> {
             message: e.to_string(),
         })?;
         let query = SnapshotQuery::new(table, &projection, mapping.filter.as_deref());
-        self.control
-            .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                postgres::quote_literal(snapshot_name)
-            ))
-            .await
-            .map_err(|e| PgError::query("importing the slot's snapshot", e))?;
+        if let Some(snapshot_name) = snapshot_name {
+            self.import_snapshot(snapshot_name).await?;
+        }
         let stream = self
             .control
             .copy_out(&query.copy_sql())
@@ -593,6 +748,7 @@ impl Reader<'_> {
         let mut parser = CopyTextParser::new(query.width());
         let mut progress = Progress::new(table.estimated_rows);
         let timestamp = pg_micros_to_rfc3339(crate::transform::event::now_pg_micros());
+        let stamp = Stamp::new(snapshot_lsn, &timestamp);
         let mut rows: i64 = 0;
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -610,12 +766,12 @@ impl Reader<'_> {
             while let Some(row) = parser.next_row()? {
                 rows += 1;
                 let (projected, key_text) =
-                    query.project(&projection, table, &self.ctx.types, &row);
+                    query.project(&projection, table, &self.ctx.types, row);
                 let pipeline = &self.config.name;
-                let item = self.row_item(projected, Op::Snapshot, snapshot_lsn, &timestamp, |p| {
+                let item = self.row_item(projected, Op::Snapshot, snapshot_lsn, &stamp, |p| {
                     snapshot_row_message_id(pipeline, &key_text, p)
                 });
-                if let Err(stop) = self.send(item).await {
+                if let Err(stop) = self.out.send(item).await {
                     return Ok(Err(stop));
                 }
                 progress.row();
@@ -628,7 +784,11 @@ impl Reader<'_> {
             .map_err(|e| PgError::query("ending the full sync transaction", e))?;
         progress.finish();
         tracing::info!(rows, "full sync read");
-        if let Err(stop) = self.send(Item::SnapshotDone { lsn: snapshot_lsn, rows }).await {
+        let done = Item::SnapshotDone {
+            lsn: snapshot_lsn,
+            rows,
+        };
+        if let Err(stop) = self.out.send_now(done).await {
             return Ok(Err(stop));
         }
         Ok(Ok(()))
@@ -640,7 +800,7 @@ impl Reader<'_> {
         projected: ProjectedRow,
         op: Op,
         lsn: Lsn,
-        timestamp: &str,
+        stamp: &Stamp,
         message_id: impl FnOnce(&ProjectedRow) -> uuid::Uuid,
     ) -> Item {
         if !projected.is_identified() {
@@ -648,23 +808,28 @@ impl Reader<'_> {
                 lsn,
                 op: op.as_str(),
                 reason: "the row has no value in any identifier column (user_id, anonymous_id, email)".into(),
-                payload: serde_json::Value::Object(projected.traits),
+                payload: serde_json::Value::Object(projected.traits.into_map()),
             });
         }
         let id = message_id(&projected);
         let event = if op == Op::Delete {
-            self.ctx.factory.deleted(projected, lsn, id, timestamp.to_owned())
+            self.ctx.factory.deleted(projected, stamp, id)
         } else {
-            self.ctx.factory.identify(projected, op, lsn, id, timestamp.to_owned())
+            self.ctx.factory.identify(projected, op, stamp, id)
         };
         Item::Event(Box::new(event))
     }
 
     /// The replication stream: decode, keep the followed table, transform, hand on.
+    ///
+    /// With `stop_before`, stops (`ReachedTarget`) before the first transaction whose commit
+    /// lies at or after that position, or at a keepalive past it: every commit before it has
+    /// then been handed on, and none after it.
     async fn stream(
         &mut self,
         session: &mut ReplicationClient,
         once_target: Option<Lsn>,
+        stop_before: Option<Lsn>,
     ) -> Result<Stop, Error> {
         let src = &self.config.source;
         let mut decoder = PgoutputDecoder::new(1);
@@ -673,7 +838,7 @@ impl Reader<'_> {
         let mut reported_missing: Vec<String> = Vec::new();
         let mut in_txn = false;
         let mut commit_lsn = Lsn::ZERO;
-        let mut commit_time = String::new();
+        let mut stamp = Stamp::new(Lsn::ZERO, "");
         let mut ordinal: u64 = 0;
         let mut rows: i64 = 0;
         let mut ack_open = true;
@@ -704,7 +869,10 @@ impl Reader<'_> {
             match event {
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
                     if !in_txn {
-                        if let Err(stop) = self.send(Item::Idle(wal_end)).await {
+                        if stop_before.is_some_and(|c| wal_end >= c) {
+                            return Ok(Stop::ReachedTarget);
+                        }
+                        if let Err(stop) = self.out.send_now(Item::Idle(wal_end)).await {
                             return Ok(stop);
                         }
                         if once_target.is_some_and(|t| wal_end >= t) {
@@ -717,15 +885,18 @@ impl Reader<'_> {
                     commit_time_micros,
                     ..
                 } => {
+                    if stop_before.is_some_and(|c| final_lsn >= c) {
+                        return Ok(Stop::ReachedTarget);
+                    }
                     in_txn = true;
                     commit_lsn = final_lsn;
-                    commit_time = pg_micros_to_rfc3339(commit_time_micros);
+                    stamp = Stamp::new(final_lsn, &pg_micros_to_rfc3339(commit_time_micros));
                     ordinal = 0;
                     rows = 0;
                 }
                 ReplicationEvent::Commit { end_lsn, .. } => {
                     in_txn = false;
-                    if let Err(stop) = self.send(Item::Commit { end_lsn, rows }).await {
+                    if let Err(stop) = self.out.send_now(Item::Commit { end_lsn, rows }).await {
                         return Ok(stop);
                     }
                     if once_target.is_some_and(|t| end_lsn >= t) {
@@ -734,6 +905,8 @@ impl Reader<'_> {
                 }
                 ReplicationEvent::XLogData { data, .. } => {
                     let msg = decoder.decode(&data)?;
+                    // A delete whose old row holds only the replica identity key.
+                    let mut key_only = false;
                     let (op, rel_id, tuple) = match msg {
                         LogicalMessage::Relation(body) => {
                             let is_ours = body.name == src.table && body.namespace == src.schema;
@@ -782,8 +955,20 @@ impl Reader<'_> {
                             continue;
                         }
                         LogicalMessage::Insert { rel_id, new, .. } => (Op::Insert, rel_id, new),
-                        LogicalMessage::Update { rel_id, new, .. } => (Op::Update, rel_id, new),
+                        LogicalMessage::Update { rel_id, mut new, old, .. } => {
+                            // An unchanged TOASTed value is not in the new row, but the whole
+                            // old row (REPLICA IDENTITY FULL) carries it: unchanged means equal.
+                            if let Some(crate::decode::pgoutput::OldTuple::Full(old)) = old {
+                                for (cell, old) in new.cells.iter_mut().zip(old.cells) {
+                                    if matches!(cell, Cell::UnchangedToast) {
+                                        *cell = old;
+                                    }
+                                }
+                            }
+                            (Op::Update, rel_id, new)
+                        }
                         LogicalMessage::Delete { rel_id, old, .. } => {
+                            key_only = matches!(old, crate::decode::pgoutput::OldTuple::Key(_));
                             let tuple = match old {
                                 crate::decode::pgoutput::OldTuple::Key(t)
                                 | crate::decode::pgoutput::OldTuple::Full(t) => t,
@@ -813,10 +998,16 @@ impl Reader<'_> {
                     let types = &self.ctx.types;
                     let projected = project_tuple(projection, &tuple, rel, types);
                     let pipeline = &self.config.name;
-                    let item = self.row_item(projected, op, commit_lsn, &commit_time, |_| {
+                    let mut item = self.row_item(projected, op, commit_lsn, &stamp, |_| {
                         stream_message_id(pipeline, commit_lsn, ordinal)
                     });
-                    if let Err(stop) = self.send(item).await {
+                    if let (Item::DeadLetter(d), true) = (&mut item, key_only) {
+                        d.reason = format!(
+                            "the deleted row's old key has no identifier value: the table's replica identity does not include an identifier column, so deletes cannot name the user; run ALTER TABLE {} REPLICA IDENTITY FULL",
+                            quote_qualified(&src.schema, &src.table)
+                        );
+                    }
+                    if let Err(stop) = self.out.send(item).await {
                         return Ok(stop);
                     }
                 }
@@ -882,13 +1073,13 @@ impl Progress {
     fn row(&mut self) {
         self.rows += 1;
         if let Some(bar) = &self.bar {
-            if self.rows % 1024 == 0 {
+            if self.rows.is_multiple_of(1024) {
                 if self.rows > bar.length().unwrap_or(0) {
                     bar.set_length(self.rows);
                 }
                 bar.set_position(self.rows);
             }
-        } else if self.rows % 1024 == 0 && self.last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
+        } else if self.rows.is_multiple_of(1024) && self.last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
             self.last_log = Instant::now();
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
             let rate = self.rows as f64 / secs;

@@ -14,7 +14,7 @@ use crate::postgres::{self, PgError, catalog, quote_qualified};
 use crate::source::SourceError;
 use crate::source::snapshot::{SnapshotQuery, snapshot_row_message_id};
 use crate::source::stream::current_wal_lsn;
-use crate::transform::event::{EventFactory, now_pg_micros, now_rfc3339, pg_micros_to_rfc3339};
+use crate::transform::event::{EventFactory, Stamp, now_pg_micros, now_rfc3339, pg_micros_to_rfc3339};
 use crate::transform::{Op, Projection};
 
 /// Runs the preview, printing to stdout.
@@ -50,7 +50,7 @@ pub async fn run(config: &Config, limit: u32) -> Result<(), Error> {
         .await
         .map_err(|e| PgError::query("reading the preview rows", e))?;
     let factory = EventFactory::new(&config.name, &src.schema, &src.table);
-    let timestamp = pg_micros_to_rfc3339(now_pg_micros());
+    let stamp = Stamp::new(lsn, &pg_micros_to_rfc3339(now_pg_micros()));
 
     let mut out = String::new();
     out.push_str(&format!("Mapping of {qualified}:\n"));
@@ -95,8 +95,8 @@ pub async fn run(config: &Config, limit: u32) -> Result<(), Error> {
             continue;
         }
         let id = snapshot_row_message_id(&config.name, &key_text, &projected);
-        let mut event = factory.identify(projected, Op::Snapshot, lsn, id, timestamp.clone());
-        event.sent_at = Some(now_rfc3339());
+        let mut event = factory.identify(projected, Op::Snapshot, &stamp, id);
+        event.sent_at = Some(now_rfc3339().into());
         let json = serde_json::to_string_pretty(&event).map_err(crate::sink::SinkError::from)?;
         out.push_str(&json);
         out.push('\n');

@@ -239,21 +239,26 @@ pub async fn ensure(
     })
 }
 
-/// Marks a full sync as started at `snapshot_lsn` with `mapping_hash`. The checkpoint LSN is
-/// reset to the snapshot position: the new slot starts there.
+/// Marks a full sync as started at `snapshot_lsn` with `mapping_hash`. With `new_slot` the
+/// checkpoint LSN is reset to the snapshot position: the new slot starts there. Otherwise (the
+/// pipeline's slot stays, the snapshot came from a temporary slot) the checkpoint is left where
+/// it is: the changes before the snapshot position may still be on their way to the sink, and
+/// a restart must read them from the slot again.
 pub async fn begin_full_sync(
     client: &Client,
     pipeline: &str,
     snapshot_lsn: Lsn,
     mapping_hash: &str,
+    new_slot: bool,
 ) -> Result<(), PgError> {
     client
         .execute(
             r#"UPDATE "_rudderstack".cdc_checkpoints
                   SET full_sync_state = 'running', full_sync_lsn = $2, full_sync_rows = 0,
-                      mapping_hash = $3, lsn = $2, resync_requested = false, updated_at = now()
+                      mapping_hash = $3, lsn = CASE WHEN $4 THEN $2 ELSE lsn END,
+                      resync_requested = false, updated_at = now()
                 WHERE pipeline = $1"#,
-            &[&pipeline, &lsn_param(snapshot_lsn), &mapping_hash],
+            &[&pipeline, &lsn_param(snapshot_lsn), &mapping_hash, &new_slot],
         )
         .await
         .map_err(|e| PgError::query("recording the start of the full sync", e))?;

@@ -1,7 +1,8 @@
 //! A JSONL file: one event per line, appended. A batch counts as delivered only after it is
 //! written, flushed and (by default) fsynced, so a crash after `deliver` returned never loses
 //! it. A crash mid-batch can leave a partial last line; the next run appends after it, and the
-//! partial events are sent again from the checkpoint (at least once).
+//! partial events are sent again from the checkpoint (at least once). A write that fails
+//! halfway (a full disk) is cut back to where it began, so the retry starts on a fresh line.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -61,16 +62,33 @@ impl Sink for FileSink {
             self.buf.clear();
             write_jsonl(events, &mut self.buf)?;
             let target = self.path.display().to_string();
-            let mut file = self.file.take().ok_or_else(|| SinkError::Io {
-                target: target.clone(),
-                source: std::io::Error::other("file closed after an earlier failure"),
-            })?;
+            // After a failure whose partial write could not be cut off, open again: `open`
+            // ends a partial last line, so the resent events start on a line of their own.
+            let mut file = match self.file.take() {
+                Some(file) => file,
+                None => FileSink::open(self.path.clone(), self.fsync)?
+                    .file
+                    .take()
+                    .ok_or_else(|| SinkError::Io {
+                        target: target.clone(),
+                        source: std::io::Error::other("the file could not be opened again"),
+                    })?,
+            };
             let buf = std::mem::take(&mut self.buf);
             let fsync = self.fsync;
             let (file, buf, result) = tokio::task::spawn_blocking(move || {
+                let before = file.metadata().map(|m| m.len());
                 let r = file
                     .write_all(&buf)
                     .and_then(|()| if fsync { file.sync_data() } else { Ok(()) });
+                // A failed batch is not delivered and will be sent again from the checkpoint:
+                // cut off what part of it was written (a full disk or a size limit accepts the
+                // first bytes), or the retry would append to a partial line and garble it.
+                let file = match (&r, before) {
+                    (Ok(()), _) => Some(file),
+                    (Err(_), Ok(len)) if file.set_len(len).is_ok() => Some(file),
+                    (Err(_), _) => None,
+                };
                 (file, buf, r)
             })
             .await
@@ -78,7 +96,7 @@ impl Sink for FileSink {
                 target: target.clone(),
                 source: std::io::Error::other(e),
             })?;
-            self.file = Some(file);
+            self.file = file;
             self.buf = buf;
             result.map_err(|source| SinkError::Io { target, source })
         })

@@ -14,6 +14,7 @@ use std::pin::Pin;
 
 use crate::config::DestinationConfig;
 use crate::transform::Event;
+use crate::transform::event::{SharedStr, now_rfc3339};
 
 /// A delivery failure.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +81,7 @@ pub fn build(config: &DestinationConfig) -> Result<Box<dyn Sink>, SinkError> {
 
 /// Serializes `events` as JSON lines into `buf`, stamping `sentAt` with one time for the batch.
 pub fn write_jsonl(events: &mut [Event], buf: &mut Vec<u8>) -> Result<(), SinkError> {
-    let sent_at = crate::transform::event::now_rfc3339();
+    let sent_at: SharedStr = now_rfc3339().into();
     for e in events.iter_mut() {
         e.sent_at = Some(sent_at.clone());
         serde_json::to_writer(&mut *buf, e)?;

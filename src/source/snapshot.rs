@@ -92,16 +92,17 @@ impl SnapshotQuery {
         format!("COPY ({}) TO STDOUT", self.select_sql(None))
     }
 
-    /// Projects one selected row; returns the row and its key as JSON text.
+    /// Projects one selected row; returns the row and its key as JSON text (an array of the
+    /// key cells, strings or null).
     pub fn project(
         &self,
         projection: &Projection,
         table: &Table,
         types: &TypeCatalog,
-        row: &[Option<String>],
+        row: &(impl Cells + ?Sized),
     ) -> (ProjectedRow, String) {
         let projected = projection.project(|i| match self.position.get(i) {
-            Some(&p) if p != usize::MAX => match row.get(p) {
+            Some(&p) if p != usize::MAX => match row.cell(p) {
                 Some(Some(text)) => {
                     let oid = table.columns.get(i).map(|c| c.type_oid).unwrap_or(25);
                     CellRef::Value(types.cell_to_json(oid, text))
@@ -111,14 +112,55 @@ impl SnapshotQuery {
             },
             _ => CellRef::Absent,
         });
-        let key: Vec<Option<&str>> = row
-            .get(self.key_start..)
-            .unwrap_or_default()
-            .iter()
-            .map(|c| c.as_deref())
-            .collect();
-        let key_text = serde_json::to_string(&key).unwrap_or_default();
-        (projected, key_text)
+        (projected, key_text(row, self.key_start))
+    }
+}
+
+/// The cells from `start` on as a JSON array of strings and nulls (the row key in messageIds).
+fn key_text(row: &(impl Cells + ?Sized), start: usize) -> String {
+    let mut text = Vec::with_capacity(32);
+    text.push(b'[');
+    for p in start..row.width() {
+        if p > start {
+            text.push(b',');
+        }
+        match row.cell(p).flatten() {
+            Some(cell) => {
+                // Writing a string into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut text, cell);
+            }
+            None => text.extend_from_slice(b"null"),
+        }
+    }
+    text.push(b']');
+    String::from_utf8(text).unwrap_or_default()
+}
+
+/// The cells of one selected row: `None` past the end, `Some(None)` for NULL.
+pub trait Cells {
+    /// Number of cells.
+    fn width(&self) -> usize;
+    /// The cell at `i`.
+    fn cell(&self, i: usize) -> Option<Option<&str>>;
+}
+
+impl Cells for [Option<String>] {
+    fn width(&self) -> usize {
+        self.len()
+    }
+
+    fn cell(&self, i: usize) -> Option<Option<&str>> {
+        self.get(i).map(Option::as_deref)
+    }
+}
+
+impl Cells for Vec<Option<String>> {
+    fn width(&self) -> usize {
+        self.len()
+    }
+
+    fn cell(&self, i: usize) -> Option<Option<&str>> {
+        self.get(i).map(Option::as_deref)
     }
 }
 
@@ -126,8 +168,46 @@ impl SnapshotQuery {
 /// interrupted full sync re-sends unchanged rows under the same ids, while a row changed in
 /// between gets a new id (a deduplicating destination must not drop the newer version).
 pub fn snapshot_row_message_id(pipeline: &str, key_text: &str, row: &ProjectedRow) -> uuid::Uuid {
-    let content = serde_json::to_string(&row.traits).unwrap_or_default();
-    crate::transform::event::snapshot_message_id(pipeline, &format!("{key_text}\u{0}{content}"))
+    // `key \0 traits as JSON`, built in one buffer.
+    let mut identity = Vec::with_capacity(key_text.len() + 256);
+    identity.extend_from_slice(key_text.as_bytes());
+    identity.push(0);
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut identity, &row.traits);
+    let identity = String::from_utf8(identity).unwrap_or_default();
+    crate::transform::event::snapshot_message_id(pipeline, &identity)
+}
+
+/// One row of a COPY text stream: its cells, unescaped, in one buffer that the parser reuses
+/// for every row (no allocation per row or per cell).
+#[derive(Debug, Default)]
+pub struct CopyRow {
+    /// The unescaped cells, each followed by a tab (so that validating the whole buffer as
+    /// UTF-8 validates each cell on its own).
+    text: String,
+    /// Byte range of each cell in `text`; `None` is NULL.
+    cells: Vec<Option<(usize, usize)>>,
+}
+
+impl CopyRow {
+    /// The cells as owned strings (tests, debugging).
+    pub fn to_vec(&self) -> Vec<Option<String>> {
+        (0..self.cells.len())
+            .map(|i| self.cell(i).flatten().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Cells for CopyRow {
+    fn width(&self) -> usize {
+        self.cells.len()
+    }
+
+    fn cell(&self, i: usize) -> Option<Option<&str>> {
+        self.cells
+            .get(i)
+            .map(|c| c.and_then(|(start, end)| self.text.get(start..end)))
+    }
 }
 
 /// Splits a COPY text stream into rows of cells.
@@ -135,6 +215,7 @@ pub fn snapshot_row_message_id(pipeline: &str, key_text: &str, row: &ProjectedRo
 pub struct CopyTextParser {
     buf: BytesMut,
     columns: usize,
+    row: CopyRow,
 }
 
 impl CopyTextParser {
@@ -143,6 +224,10 @@ impl CopyTextParser {
         CopyTextParser {
             buf: BytesMut::new(),
             columns,
+            row: CopyRow {
+                text: String::new(),
+                cells: Vec::with_capacity(columns),
+            },
         }
     }
 
@@ -151,22 +236,22 @@ impl CopyTextParser {
         self.buf.extend_from_slice(chunk);
     }
 
-    /// The next complete row, if one is buffered. `None` cells are NULL.
-    pub fn next_row(&mut self) -> Result<Option<Vec<Option<String>>>, SourceError> {
+    /// The next complete row, if one is buffered. It is valid until the next call.
+    pub fn next_row(&mut self) -> Result<Option<&CopyRow>, SourceError> {
         let Some(end) = self.buf.iter().position(|b| *b == b'\n') else {
             return Ok(None);
         };
-        let line = self.buf.split_to(end);
-        self.buf.advance(1);
-        let row = parse_line(&line)?;
-        if row.len() != self.columns {
+        let parsed = parse_line(&self.buf[..end], &mut self.row);
+        self.buf.advance(end + 1);
+        parsed?;
+        if self.row.cells.len() != self.columns {
             return Err(SourceError::Copy(format!(
                 "a COPY row has {} cells, expected {}",
-                row.len(),
+                self.row.cells.len(),
                 self.columns
             )));
         }
-        Ok(Some(row))
+        Ok(Some(&self.row))
     }
 
     /// Checks that the stream ended on a row boundary.
@@ -182,27 +267,45 @@ impl CopyTextParser {
     }
 }
 
-fn parse_line(line: &[u8]) -> Result<Vec<Option<String>>, SourceError> {
-    let mut cells = Vec::new();
+/// Parses one line (without its newline) into `row`, reusing its buffers.
+fn parse_line(line: &[u8], row: &mut CopyRow) -> Result<(), SourceError> {
+    row.cells.clear();
+    let mut bytes = std::mem::take(&mut row.text).into_bytes();
+    bytes.clear();
     for field in line.split(|b| *b == b'\t') {
         if field == b"\\N" {
-            cells.push(None);
+            row.cells.push(None);
             continue;
         }
-        let bytes = if field.contains(&b'\\') {
-            unescape(field)?
+        let start = bytes.len();
+        if field.contains(&b'\\') {
+            if let Err(e) = unescape(field, &mut bytes) {
+                row.text = String::from_utf8(bytes).unwrap_or_default();
+                return Err(e);
+            }
         } else {
-            field.to_vec()
-        };
-        let text = String::from_utf8(bytes)
-            .map_err(|_| SourceError::Copy("a COPY cell is not valid UTF-8".into()))?;
-        cells.push(Some(text));
+            bytes.extend_from_slice(field);
+        }
+        row.cells.push(Some((start, bytes.len())));
+        bytes.push(b'\t');
     }
-    Ok(cells)
+    match String::from_utf8(bytes) {
+        Ok(text) => {
+            row.text = text;
+            Ok(())
+        }
+        Err(e) => {
+            let mut bytes = e.into_bytes();
+            bytes.clear();
+            row.text = String::from_utf8(bytes).unwrap_or_default();
+            row.cells.clear();
+            Err(SourceError::Copy("a COPY cell is not valid UTF-8".into()))
+        }
+    }
 }
 
-fn unescape(field: &[u8]) -> Result<Vec<u8>, SourceError> {
-    let mut out = Vec::with_capacity(field.len());
+/// Appends `field` with its backslash escapes decoded to `out`.
+fn unescape(field: &[u8], out: &mut Vec<u8>) -> Result<(), SourceError> {
     let mut i = 0;
     while i < field.len() {
         let b = field[i];
@@ -259,7 +362,7 @@ fn unescape(field: &[u8]) -> Result<Vec<u8>, SourceError> {
             other => out.push(other),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -270,11 +373,11 @@ mod tests {
     fn rows_split_across_chunks_are_reassembled() {
         let mut p = CopyTextParser::new(3);
         p.push(b"1\tann\t\\N\n2\tb");
-        let first = p.next_row().expect("ok").expect("row");
+        let first = p.next_row().expect("ok").expect("row").to_vec();
         assert_eq!(first, vec![Some("1".into()), Some("ann".into()), None]);
         assert!(p.next_row().expect("ok").is_none());
         p.push(b"ob\tx\n");
-        let second = p.next_row().expect("ok").expect("row");
+        let second = p.next_row().expect("ok").expect("row").to_vec();
         assert_eq!(second, vec![Some("2".into()), Some("bob".into()), Some("x".into())]);
         p.finish().expect("clean end");
     }
@@ -283,8 +386,40 @@ mod tests {
     fn escapes_are_decoded() {
         let mut p = CopyTextParser::new(1);
         p.push(b"a\\tb\\nc\\\\d\\101\\x42\n");
-        let row = p.next_row().expect("ok").expect("row");
+        let row = p.next_row().expect("ok").expect("row").to_vec();
         assert_eq!(row, vec![Some("a\tb\nc\\dAB".into())]);
+    }
+
+    #[test]
+    fn empty_cells_are_not_null_and_invalid_utf8_is_an_error() {
+        let mut p = CopyTextParser::new(3);
+        p.push(b"\t\\N\t\\xC3\\xA9\n");
+        let row = p.next_row().expect("ok").expect("row").to_vec();
+        assert_eq!(row, vec![Some(String::new()), None, Some("é".into())]);
+        // Each cell is checked on its own: halves of a character in two cells do not pass.
+        let mut p = CopyTextParser::new(2);
+        p.push(b"\\xC3\t\\xA9\nok\tok\n");
+        assert!(p.next_row().is_err());
+        assert_eq!(
+            p.next_row().expect("ok").expect("row").to_vec(),
+            vec![Some("ok".into()), Some("ok".into())]
+        );
+    }
+
+    #[test]
+    fn key_text_is_the_json_array_of_the_key_cells() {
+        let cells: Vec<Option<String>> = vec![
+            Some("ann".into()),
+            Some("1".into()),
+            None,
+            Some("q\"\\\u{1}é".into()),
+        ];
+        let expected: Vec<Option<&str>> = cells[1..].iter().map(|c| c.as_deref()).collect();
+        assert_eq!(
+            key_text(&cells, 1),
+            serde_json::to_string(&expected).expect("json")
+        );
+        assert_eq!(key_text(&cells, 4), "[]");
     }
 
     #[test]

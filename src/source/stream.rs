@@ -29,6 +29,9 @@ use crate::Lsn;
 use crate::config::{SourceConfig, SslMode};
 use crate::postgres::{PgError, SESSION_OPTIONS, quote_ident};
 
+/// How often the session reports the acknowledged position to the server, at most.
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Builds the walsender session's configuration.
 pub fn replication_config(
     source: &SourceConfig,
@@ -70,7 +73,11 @@ pub fn replication_config(
     .with_ack_lsn(ack_lsn)
     .with_options(SESSION_OPTIONS)
     .with_application_name(format!("slotstream/{pipeline}"))
-    .with_status_interval(std::time::Duration::from_secs(1))
+    // Standby status updates at most this often. Short, because two waits depend on it: the
+    // final acknowledgement before a session closes (`--once` waits for it to be sent), and the
+    // walsender's next keepalive after a ping, which it sends only once we replied; each
+    // update is one small message.
+    .with_status_interval(STATUS_INTERVAL)
     .with_wakeup_interval(std::time::Duration::from_secs(5))
     .with_buffer_size(8192)
 }
@@ -185,11 +192,57 @@ pub async fn create_slot_with_snapshot(
     config: ReplicationConfig,
     slot: &str,
 ) -> Result<ExportedSlot, SourceError> {
+    create_with_snapshot(config, slot, false).await
+}
+
+/// Creates a `TEMPORARY` slot with an exported snapshot: a snapshot tied to a WAL position
+/// (the consistent point) while the pipeline's own slot stays. The server drops the slot when
+/// the session ends, however it ends.
+pub async fn create_temporary_slot_with_snapshot(
+    config: ReplicationConfig,
+    slot: &str,
+) -> Result<ExportedSlot, SourceError> {
+    create_with_snapshot(config, slot, true).await
+}
+
+/// The name of the temporary slot that exports a full sync's snapshot for `slot`.
+pub fn snapshot_slot_name(slot: &str) -> String {
+    const SUFFIX: &str = "_snapshot";
+    let mut base = slot.to_owned();
+    while base.len() + SUFFIX.len() > 63 {
+        base.pop();
+    }
+    format!("{base}{SUFFIX}")
+}
+
+/// Waits (up to `timeout`) until no process holds `slot`: a walsender releases its slot shortly
+/// after its session ends, and acquiring it before that fails.
+pub async fn wait_until_released(
+    client: &Client,
+    slot: &str,
+    timeout: std::time::Duration,
+) -> Result<(), PgError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while let Some(info) = slot_info(client, slot).await? {
+        if info.active_pid.is_none() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn create_with_snapshot(
+    config: ReplicationConfig,
+    slot: &str,
+    temporary: bool,
+) -> Result<ExportedSlot, SourceError> {
     let mut session = ReplicationClient::connect_gated(config).await?;
     let rows = session
         .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
-            quote_ident(slot)
+            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput (SNAPSHOT 'export')",
+            quote_ident(slot),
+            if temporary { " TEMPORARY" } else { "" }
         ))
         .await?;
     let bad = |detail: &str| SourceError::UnexpectedReply {
@@ -212,12 +265,14 @@ pub async fn create_slot_with_snapshot(
     })
 }
 
-/// The server's current WAL insert position (the `--once` target).
+/// The server's current WAL insert position (the `--once` target). Not `pg_current_wal_lsn()`,
+/// the *write* position: a commit made with `synchronous_commit = off` returns before its WAL is
+/// written, so the write position can lie before commits that already happened.
 pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, PgError> {
     let lsn: PgLsn = client
-        .query_one("SELECT pg_current_wal_lsn()", &[])
+        .query_one("SELECT pg_current_wal_insert_lsn()", &[])
         .await
-        .map_err(|e| PgError::query("reading pg_current_wal_lsn()", e))?
+        .map_err(|e| PgError::query("reading pg_current_wal_insert_lsn()", e))?
         .get(0);
     Ok(Lsn::from_u64(u64::from(lsn)))
 }

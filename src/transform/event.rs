@@ -5,7 +5,11 @@
 //! row's key for snapshot rows. Replaying the same WAL, or re-running the same snapshot, yields
 //! the same ids, so a destination that deduplicates on `messageId` sees each change once.
 
-use serde::Serialize;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -18,6 +22,62 @@ const MESSAGE_NAMESPACE: Uuid = Uuid::from_u128(0x2c9e_41d7_6f0a_4b1c_8e55_93a2_
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// An immutable string that many events share (pipeline and table names, a transaction's LSN
+/// and commit time, a batch's `sentAt`): a clone is a reference count, not a copy. Serializes
+/// as a plain JSON string.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SharedStr(Arc<str>);
+
+impl Deref for SharedStr {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SharedStr {
+    fn from(s: &str) -> Self {
+        SharedStr(Arc::from(s))
+    }
+}
+
+impl From<String> for SharedStr {
+    fn from(s: String) -> Self {
+        SharedStr(Arc::from(s))
+    }
+}
+
+impl PartialEq<str> for SharedStr {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for SharedStr {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl fmt::Debug for SharedStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for SharedStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for SharedStr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
 
 /// What kind of change produced the event (`context.sources.op`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -68,15 +128,15 @@ pub struct Library {
 #[derive(Debug, Clone, Serialize)]
 pub struct Sources {
     /// Pipeline name.
-    pub name: String,
+    pub name: SharedStr,
     /// Schema of the table.
-    pub schema: String,
+    pub schema: SharedStr,
     /// The table.
-    pub table: String,
+    pub table: SharedStr,
     /// Kind of change.
     pub op: Op,
     /// Commit LSN (stream) or snapshot LSN, as `X/Y`.
-    pub lsn: String,
+    pub lsn: SharedStr,
 }
 
 /// `context`.
@@ -108,17 +168,17 @@ pub struct Event {
     pub anonymous_id: Option<String>,
     /// Identify: selected columns under their trait keys, and constants.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub traits: Option<Map<String, Value>>,
+    pub traits: Option<crate::transform::Traits>,
     /// Track: the identifiers of the deleted row.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub properties: Option<Map<String, Value>>,
     /// Library and source.
     pub context: Context,
     /// Commit time (or snapshot time), RFC 3339.
-    pub original_timestamp: String,
+    pub original_timestamp: SharedStr,
     /// Delivery time, set by the sink as it writes.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sent_at: Option<String>,
+    pub sent_at: Option<SharedStr>,
 }
 
 impl Event {
@@ -192,7 +252,7 @@ mod tests {
             message_id: Uuid::nil(),
             user_id: Some("u_1".into()),
             anonymous_id: None,
-            traits: Some(Map::new()),
+            traits: Some(crate::transform::Traits::default()),
             properties: None,
             context: Context {
                 library: Library { name: "slotstream", version: "0.1.0" },
@@ -217,22 +277,40 @@ mod tests {
     }
 }
 
+/// What the events of one transaction (or of one full sync) share, formatted once: the
+/// position (`context.sources.lsn`) and the time (`originalTimestamp`).
+#[derive(Debug, Clone)]
+pub struct Stamp {
+    lsn: SharedStr,
+    timestamp: SharedStr,
+}
+
+impl Stamp {
+    /// The commit (or snapshot) LSN and its time, RFC 3339.
+    pub fn new(lsn: Lsn, timestamp: &str) -> Self {
+        Stamp {
+            lsn: lsn.to_string().into(),
+            timestamp: timestamp.into(),
+        }
+    }
+}
+
 /// Builds the events of one pipeline and table: the fixed parts (names, library) are held here,
 /// so every path (snapshot, stream, preview) produces the same shape.
 #[derive(Debug, Clone)]
 pub struct EventFactory {
-    pipeline: String,
-    schema: String,
-    table: String,
+    pipeline: SharedStr,
+    schema: SharedStr,
+    table: SharedStr,
 }
 
 impl EventFactory {
     /// For `pipeline` following `schema.table`.
     pub fn new(pipeline: &str, schema: &str, table: &str) -> Self {
         EventFactory {
-            pipeline: pipeline.to_owned(),
-            schema: schema.to_owned(),
-            table: table.to_owned(),
+            pipeline: pipeline.into(),
+            schema: schema.into(),
+            table: table.into(),
         }
     }
 
@@ -241,7 +319,7 @@ impl EventFactory {
         &self.pipeline
     }
 
-    fn context(&self, op: Op, lsn: Lsn) -> Context {
+    fn context(&self, op: Op, stamp: &Stamp) -> Context {
         Context {
             library: Library {
                 name: crate::LIBRARY_NAME,
@@ -252,7 +330,7 @@ impl EventFactory {
                 schema: self.schema.clone(),
                 table: self.table.clone(),
                 op,
-                lsn: lsn.to_string(),
+                lsn: stamp.lsn.clone(),
             },
         }
     }
@@ -262,9 +340,8 @@ impl EventFactory {
         &self,
         row: crate::transform::ProjectedRow,
         op: Op,
-        lsn: Lsn,
+        stamp: &Stamp,
         message_id: Uuid,
-        timestamp: String,
     ) -> Event {
         Event {
             kind: EventKind::Identify,
@@ -274,8 +351,8 @@ impl EventFactory {
             anonymous_id: row.anonymous_id,
             traits: Some(row.traits),
             properties: None,
-            context: self.context(op, lsn),
-            original_timestamp: timestamp,
+            context: self.context(op, stamp),
+            original_timestamp: stamp.timestamp.clone(),
             sent_at: None,
         }
     }
@@ -285,9 +362,8 @@ impl EventFactory {
     pub fn deleted(
         &self,
         row: crate::transform::ProjectedRow,
-        lsn: Lsn,
+        stamp: &Stamp,
         message_id: Uuid,
-        timestamp: String,
     ) -> Event {
         let properties = row.identifiers();
         Event {
@@ -298,8 +374,8 @@ impl EventFactory {
             anonymous_id: row.anonymous_id,
             traits: None,
             properties: Some(properties),
-            context: self.context(Op::Delete, lsn),
-            original_timestamp: timestamp,
+            context: self.context(Op::Delete, stamp),
+            original_timestamp: stamp.timestamp.clone(),
             sent_at: None,
         }
     }

@@ -16,6 +16,7 @@
 
 use std::sync::Arc;
 
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -98,9 +99,95 @@ pub struct Projection {
     pub email: Option<usize>,
     /// Selected columns the table does not have (dropped or renamed): reported, not fatal.
     pub missing_columns: Vec<String>,
-    constants: Map<String, Value>,
+    /// The keys every projected row shares.
+    trait_keys: Arc<TraitKeys>,
+    /// For each of `traits`, its key's place in `trait_keys.columns`.
+    trait_slots: Vec<usize>,
     /// Type OIDs by position, for the identifier cells.
     type_oids: Vec<u32>,
+}
+
+/// The trait keys of one [`Projection`], shared by every row it projects: each column trait's
+/// key once, in column order (two columns mapped to one key share the first one's place; the
+/// later column's value wins, as when inserting into a JSON object), then the constants.
+#[derive(Debug, Default, PartialEq)]
+struct TraitKeys {
+    columns: Vec<Arc<str>>,
+    constants: Map<String, Value>,
+}
+
+/// The traits of one row: selected columns under their trait keys, in column order, then the
+/// constants; serializes as that JSON object. The keys are the projection's, shared, so a row
+/// allocates only its values.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Traits {
+    keys: Arc<TraitKeys>,
+    /// One per column key; `None`: left out (a cell the server did not send).
+    values: Vec<Option<Value>>,
+}
+
+impl Traits {
+    /// The traits in order, as (key, value).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+        let columns = self.keys.columns.iter().zip(&self.values);
+        columns
+            .filter_map(|(k, v)| Some((&**k, v.as_ref()?)))
+            .chain(self.keys.constants.iter().map(|(k, v)| (k.as_str(), v)))
+    }
+
+    /// The value of trait `key`.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// Whether trait `key` is present.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Number of traits.
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    /// Whether there is no trait.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The traits as a JSON object (for a dead letter's payload).
+    pub fn into_map(self) -> Map<String, Value> {
+        let mut map = Map::with_capacity(self.values.len() + self.keys.constants.len());
+        for (k, v) in self.keys.columns.iter().zip(self.values) {
+            if let Some(v) = v {
+                map.insert(k.to_string(), v);
+            }
+        }
+        for (k, v) in &self.keys.constants {
+            map.insert(k.clone(), v.clone());
+        }
+        map
+    }
+}
+
+/// Like a JSON object's: the value of `key`; panics when there is none.
+impl std::ops::Index<&str> for Traits {
+    type Output = Value;
+
+    fn index(&self, key: &str) -> &Value {
+        self.get(key)
+            .unwrap_or_else(|| panic!("no trait {key:?} in {self:?}"))
+    }
+}
+
+impl Serialize for Traits {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        for (k, v) in self.iter() {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
 }
 
 /// The identifiers and traits of one row.
@@ -111,7 +198,7 @@ pub struct ProjectedRow {
     /// `anonymousId`.
     pub anonymous_id: Option<String>,
     /// Traits (selected columns under their keys, constants).
-    pub traits: Map<String, Value>,
+    pub traits: Traits,
 }
 
 impl ProjectedRow {
@@ -243,13 +330,28 @@ impl Projection {
                 traits.sort_by_key(|t| t.index);
             }
         }
+        let mut keys: Vec<Arc<str>> = Vec::with_capacity(traits.len());
+        let trait_slots = traits
+            .iter()
+            .map(|t| match keys.iter().position(|k| *k == t.key) {
+                Some(slot) => slot,
+                None => {
+                    keys.push(t.key.clone());
+                    keys.len() - 1
+                }
+            })
+            .collect();
         Ok(Projection {
             traits,
             user_id,
             anonymous_id,
             email,
             missing_columns,
-            constants: config.constants.clone(),
+            trait_keys: Arc::new(TraitKeys {
+                columns: keys,
+                constants: config.constants.clone(),
+            }),
+            trait_slots,
             type_oids: columns.iter().map(|(_, oid)| *oid).collect(),
         })
     }
@@ -273,11 +375,11 @@ impl Projection {
     /// Projects one row. `cell(index)` gives the decoded cell at a column position; it is
     /// called once per needed column.
     pub fn project(&self, mut cell: impl FnMut(usize) -> CellRef) -> ProjectedRow {
-        let mut traits = Map::with_capacity(self.traits.len() + self.constants.len());
+        let mut values: Vec<Option<Value>> = vec![None; self.trait_keys.columns.len()];
         let mut id_values: [Option<String>; 3] = [None, None, None];
         let id_positions = [self.user_id, self.anonymous_id, self.email];
         let mut seen_ids = [false; 3];
-        for t in &self.traits {
+        for (t, &slot) in self.traits.iter().zip(&self.trait_slots) {
             let value = match cell(t.index) {
                 CellRef::Absent => None,
                 CellRef::Null => Some(Value::Null),
@@ -290,7 +392,7 @@ impl Projection {
                 }
             }
             if let Some(v) = value {
-                traits.insert(t.key.to_string(), v);
+                values[slot] = Some(v);
             }
         }
         for (slot, pos) in id_positions.iter().enumerate() {
@@ -299,9 +401,6 @@ impl Projection {
             {
                 id_values[slot] = identifier_text(&v);
             }
-        }
-        for (k, v) in &self.constants {
-            traits.insert(k.clone(), v.clone());
         }
         let [user_id, anonymous_id, email] = id_values;
         let anonymous_id = match (anonymous_id, &user_id, email) {
@@ -312,7 +411,10 @@ impl Projection {
         ProjectedRow {
             user_id,
             anonymous_id,
-            traits,
+            traits: Traits {
+                keys: Arc::clone(&self.trait_keys),
+                values,
+            },
         }
     }
 }

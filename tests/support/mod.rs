@@ -683,6 +683,25 @@ impl Fixture {
             .map(|r| r.get(0))
     }
 
+    /// Whether the last `bytes` bytes of the events file contain `needle` (cheap to poll on a
+    /// large file).
+    pub fn events_tail_contains(&self, needle: &str, bytes: u64) -> bool {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut file) = std::fs::File::open(&self.events) else {
+            return false;
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if file
+            .seek(SeekFrom::Start(len.saturating_sub(bytes)))
+            .is_err()
+        {
+            return false;
+        }
+        let mut tail = Vec::new();
+        let _ = file.read_to_end(&mut tail);
+        String::from_utf8_lossy(&tail).contains(needle)
+    }
+
     /// Number of newline-terminated lines in the events file (no parsing: cheap to poll).
     pub fn event_lines(&self) -> usize {
         std::fs::read(&self.events)
@@ -801,7 +820,10 @@ fn light_event_slow(line: &str) -> LightEvent {
         message_id: v["messageId"].as_str().expect("messageId").to_owned(),
         user_id: v["userId"].as_str().map(str::to_owned),
         op,
-        lsn: v["context"]["sources"]["lsn"].as_str().unwrap_or("").to_owned(),
+        lsn: v["context"]["sources"]["lsn"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned(),
         traits: v.get("traits").map(|t| t.to_string()),
     }
 }
@@ -821,7 +843,30 @@ pub fn read_light_events(path: &Path) -> Vec<LightEvent> {
         if !line.ends_with("\"}") || !line.contains("\"sentAt\":\"") {
             continue;
         }
-        out.push(light_event_fast(&line).unwrap_or_else(|| light_event_slow(&line)));
+        let event = match light_event_fast(&line) {
+            // The first events are checked against a full parse, so a change of the event's
+            // layout cannot make the fast reader wrong silently.
+            Some(fast) if out.len() < 1000 => {
+                let slow = light_event_slow(&line);
+                assert!(
+                    fast.identify == slow.identify
+                        && fast.message_id == slow.message_id
+                        && fast.user_id == slow.user_id
+                        && fast.op == slow.op
+                        && fast.lsn == slow.lsn
+                        && match (&fast.traits, &slow.traits) {
+                            (Some(a), Some(b)) => same_json(a, b),
+                            (None, None) => true,
+                            _ => false,
+                        },
+                    "fast event reader disagrees with serde_json on: {line}"
+                );
+                fast
+            }
+            Some(fast) => fast,
+            None => light_event_slow(&line),
+        };
+        out.push(event);
     }
     out
 }
@@ -917,7 +962,10 @@ pub async fn table_state(
         .await
         .expect("set timezone");
     let pairs: Vec<(String, String)> = match traits {
-        Some(t) => t.iter().map(|(k, c)| (k.to_string(), c.to_string())).collect(),
+        Some(t) => t
+            .iter()
+            .map(|(k, c)| (k.to_string(), c.to_string()))
+            .collect(),
         None => client
             .query(
                 "SELECT attname::text FROM pg_attribute

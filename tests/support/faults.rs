@@ -1,0 +1,87 @@
+//! Helpers of the durability and fault tests (processes, positions, the events file, the
+//! destination path). Included by those tests next to `support`:
+//!
+//! ```ignore
+//! mod support;
+//! #[path = "support/faults.rs"]
+//! mod faults;
+//! ```
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::support::Fixture;
+
+/// Waits (polling `try_wait`) until `child` exits or `timeout` passes; `None` on timeout.
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Parses a textual LSN (`16/B374D848`) into its u64 value.
+pub fn parse_lsn(text: &str) -> u64 {
+    let (hi, lo) = text
+        .split_once('/')
+        .unwrap_or_else(|| panic!("not an LSN: {text:?}"));
+    let hi = u64::from_str_radix(hi, 16).unwrap_or_else(|_| panic!("not an LSN: {text:?}"));
+    let lo = u64::from_str_radix(lo, 16).unwrap_or_else(|_| panic!("not an LSN: {text:?}"));
+    (hi << 32) | lo
+}
+
+/// The commit LSN an event carries (`context.sources.lsn`), as u64.
+pub fn event_lsn(event: &serde_json::Value) -> u64 {
+    let text = event["context"]["sources"]["lsn"]
+        .as_str()
+        .unwrap_or_else(|| panic!("event without context.sources.lsn: {event}"));
+    parse_lsn(text)
+}
+
+/// `pg_current_wal_insert_lsn()` as u64: run right after a COMMIT returned, it is at or past
+/// the end of that transaction's commit record.
+pub async fn wal_insert_lsn(client: &tokio_postgres::Client) -> u64 {
+    client
+        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::int8", &[])
+        .await
+        .expect("pg_current_wal_insert_lsn")
+        .get::<_, i64>(0) as u64
+}
+
+impl Fixture {
+    /// Rewrites `path = …` under `[destination]` of the config (the file sink's target).
+    pub fn set_destination_path(&self, path: &Path) {
+        let text = std::fs::read_to_string(&self.config).expect("read config");
+        let mut in_destination = false;
+        let mut replaced = false;
+        let lines: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let trimmed = line.trim_start();
+                if trimmed.starts_with('[') {
+                    in_destination = trimmed.starts_with("[destination]");
+                } else if in_destination && trimmed.starts_with("path") && !replaced {
+                    replaced = true;
+                    return format!("path = {:?}", path.display().to_string());
+                }
+                line.to_owned()
+            })
+            .collect();
+        assert!(
+            replaced,
+            "no destination path in {}:\n{text}",
+            self.config.display()
+        );
+        std::fs::write(&self.config, lines.join("\n") + "\n").expect("write config");
+    }
+}
