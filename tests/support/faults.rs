@@ -85,3 +85,29 @@ impl Fixture {
         std::fs::write(&self.config, lines.join("\n") + "\n").expect("write config");
     }
 }
+
+/// A spawned slotstream that is killed (SIGKILL) and reaped when dropped, so that a failing
+/// assertion does not leave it running against a cluster that is going away.
+pub struct Running(pub std::process::Child);
+
+impl std::ops::Deref for Running {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
