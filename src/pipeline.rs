@@ -65,12 +65,15 @@ const ONCE_MAX_RETRIES: u32 = 3;
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the reader hands the deliverer, in WAL order.
+// Events are by far the most common item and travel in chunks: boxing them would add an
+// allocation per row for the rare, smaller variants' sake.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Item {
-    /// An event to deliver.
-    Event(Box<Event>),
+    /// An event to deliver (not boxed: items travel in chunks, and this is the common one).
+    Event(Event),
     /// A row that cannot become an event.
-    DeadLetter(DeadLetter),
+    DeadLetter(Box<DeadLetter>),
     /// A transaction committed: once the events before this are delivered, `end_lsn` is durable.
     Commit {
         /// End of the transaction.
@@ -110,7 +113,8 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         #[cfg(unix)]
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         #[cfg(unix)]
         let terminate = async {
             match term.as_mut() {
@@ -152,7 +156,15 @@ pub async fn run_with_shutdown(
     let mut retries: u32 = 0;
     loop {
         let started = Instant::now();
-        match run_session(config, once, &mut once_target, shutdown.clone(), sink.clone()).await {
+        match run_session(
+            config,
+            once,
+            &mut once_target,
+            shutdown.clone(),
+            sink.clone(),
+        )
+        .await
+        {
             Ok(()) => return Ok(()),
             Err(e)
                 if e.is_retryable()
@@ -190,7 +202,9 @@ struct TableContext {
 }
 
 async fn connect_control(config: &Config) -> Result<tokio_postgres::Client, Error> {
-    Ok(postgres::connect(&config.source, &config.name).await?.client)
+    Ok(postgres::connect(&config.source, &config.name)
+        .await?
+        .client)
 }
 
 /// One session: connect, full sync if needed, stream; ends on shutdown, on `--once` reaching
@@ -391,11 +405,11 @@ impl Deliverer {
         match item {
             Item::Event(e) => {
                 self.stretch.events += 1;
-                if self.batch.push(*e) {
+                if self.batch.push(e) {
                     self.flush(sink).await?;
                 }
             }
-            Item::DeadLetter(d) => self.stretch.dead_letters.push(d),
+            Item::DeadLetter(d) => self.stretch.dead_letters.push(*d),
             Item::Commit { end_lsn, rows } => {
                 self.stretch.rows += rows;
                 self.batch.commit(end_lsn);
@@ -437,7 +451,9 @@ impl Deliverer {
     async fn maybe_checkpoint(&mut self, force: bool) -> Result<(), Error> {
         let since = self.last_checkpoint.elapsed();
         let has_progress = self.durable > self.checkpoint || !self.stretch.dead_letters.is_empty();
-        let idle_progress = self.idle.is_some_and(|l| l > self.checkpoint.max(self.durable));
+        let idle_progress = self
+            .idle
+            .is_some_and(|l| l > self.checkpoint.max(self.durable));
         if has_progress && (force || since >= CHECKPOINT_INTERVAL) {
             let to = self.durable.max(self.idle.unwrap_or(Lsn::ZERO));
             self.commit_checkpoint(to).await?;
@@ -563,11 +579,18 @@ impl Reader<'_> {
                 };
                 match kept {
                     Some(Ok(snapshot_lsn)) => {
-                        stream::wait_until_released(&self.control, &src.slot, Duration::from_secs(10))
-                            .await?;
+                        stream::wait_until_released(
+                            &self.control,
+                            &src.slot,
+                            Duration::from_secs(10),
+                        )
+                        .await?;
                         let ack = *self.ack_rx.borrow();
-                        let cfg = stream::replication_config(src, &self.config.name, snapshot_lsn, ack);
-                        let session = ReplicationClient::connect(cfg).await.map_err(SourceError::from)?;
+                        let cfg =
+                            stream::replication_config(src, &self.config.name, snapshot_lsn, ack);
+                        let session = ReplicationClient::connect(cfg)
+                            .await
+                            .map_err(SourceError::from)?;
                         (session, snapshot_lsn)
                     }
                     Some(Err(_stop)) => return Ok(()),
@@ -575,8 +598,12 @@ impl Reader<'_> {
                         if slot.is_some() {
                             stream::drop_slot(&self.control, &src.slot).await?;
                         }
-                        let cfg =
-                            stream::replication_config(src, &self.config.name, Lsn::ZERO, Lsn::ZERO);
+                        let cfg = stream::replication_config(
+                            src,
+                            &self.config.name,
+                            Lsn::ZERO,
+                            Lsn::ZERO,
+                        );
                         let exported = stream::create_slot_with_snapshot(cfg, &src.slot).await?;
                         state::begin_full_sync(
                             &self.control,
@@ -611,8 +638,11 @@ impl Reader<'_> {
                     }
                     Some(info) => stream::check_slot(&src.slot, info, &src.database)?,
                 }
-                let cfg = stream::replication_config(src, &self.config.name, checkpoint, checkpoint);
-                let session = ReplicationClient::connect(cfg).await.map_err(SourceError::from)?;
+                let cfg =
+                    stream::replication_config(src, &self.config.name, checkpoint, checkpoint);
+                let session = ReplicationClient::connect(cfg)
+                    .await
+                    .map_err(SourceError::from)?;
                 (session, checkpoint)
             }
         };
@@ -628,7 +658,9 @@ impl Reader<'_> {
             // Rows read before a shutdown or an error are delivered, as they would be one by one.
             let _ = self.out.flush().await;
         }
-        let Reader { out, mut ack_rx, .. } = self;
+        let Reader {
+            out, mut ack_rx, ..
+        } = self;
         drop(out);
         let stop = result?;
         if !matches!(stop, Stop::DelivererGone) {
@@ -686,7 +718,9 @@ impl Reader<'_> {
         drop(exported.session);
         tracing::info!(slot = %src.slot, from = %checkpoint, to = %snapshot_lsn, "delivering the slot's changes up to the full sync's snapshot");
         let cfg = stream::replication_config(src, name, checkpoint, checkpoint);
-        let mut session = ReplicationClient::connect(cfg).await.map_err(SourceError::from)?;
+        let mut session = ReplicationClient::connect(cfg)
+            .await
+            .map_err(SourceError::from)?;
         session.wait_started().await.map_err(SourceError::from)?;
         let drained = self.stream(&mut session, None, Some(snapshot_lsn)).await;
         let _ = session.shutdown().await;
@@ -765,8 +799,7 @@ impl Reader<'_> {
             parser.push(&chunk);
             while let Some(row) = parser.next_row()? {
                 rows += 1;
-                let (projected, key_text) =
-                    query.project(&projection, table, &self.ctx.types, row);
+                let (projected, key_text) = query.project(&projection, table, &self.ctx.types, row);
                 let pipeline = &self.config.name;
                 let item = self.row_item(projected, Op::Snapshot, snapshot_lsn, &stamp, |p| {
                     snapshot_row_message_id(pipeline, &key_text, p)
@@ -804,12 +837,14 @@ impl Reader<'_> {
         message_id: impl FnOnce(&ProjectedRow) -> uuid::Uuid,
     ) -> Item {
         if !projected.is_identified() {
-            return Item::DeadLetter(DeadLetter {
+            return Item::DeadLetter(Box::new(DeadLetter {
                 lsn,
                 op: op.as_str(),
-                reason: "the row has no value in any identifier column (user_id, anonymous_id, email)".into(),
+                reason:
+                    "the row has no value in any identifier column (user_id, anonymous_id, email)"
+                        .into(),
                 payload: serde_json::Value::Object(projected.traits.into_map()),
-            });
+            }));
         }
         let id = message_id(&projected);
         let event = if op == Op::Delete {
@@ -817,7 +852,7 @@ impl Reader<'_> {
         } else {
             self.ctx.factory.identify(projected, op, stamp, id)
         };
-        Item::Event(Box::new(event))
+        Item::Event(event)
     }
 
     /// The replication stream: decode, keep the followed table, transform, hand on.
@@ -843,11 +878,14 @@ impl Reader<'_> {
         let mut rows: i64 = 0;
         let mut ack_open = true;
         let mut shutdown = self.shutdown.clone();
+        // One waiter for the whole stream: a `wait_for` per message would register and drop a
+        // waiter each time.
+        let mut shutdown_requested = std::pin::pin!(shutdown.wait_for(|s| *s));
         let qualified = format!("{}.{}", src.schema, src.table);
         loop {
             let event = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|s| *s) => return Ok(Stop::Shutdown),
+                _ = &mut shutdown_requested => return Ok(Stop::Shutdown),
                 changed = self.ack_rx.changed(), if ack_open => {
                     match changed {
                         Ok(()) => session.update_applied_lsn(*self.ack_rx.borrow_and_update()),
@@ -858,13 +896,15 @@ impl Reader<'_> {
                 ev = session.recv() => ev.map_err(SourceError::from)?,
             };
             let Some(event) = event else {
-                return Err(SourceError::Replication(pgwire_replication::PgWireError::Io(
-                    Arc::new(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the server ended the replication stream",
-                    )),
-                ))
-                .into());
+                return Err(
+                    SourceError::Replication(pgwire_replication::PgWireError::Io(Arc::new(
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the server ended the replication stream",
+                        ),
+                    )))
+                    .into(),
+                );
             };
             match event {
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -913,7 +953,9 @@ impl Reader<'_> {
                             let rel_id = body.rel_id;
                             let change = relations.apply(body);
                             if is_ours {
-                                let Some(rel) = relations.get(rel_id) else { continue };
+                                let Some(rel) = relations.get(rel_id) else {
+                                    continue;
+                                };
                                 let unknown: Vec<u32> = rel
                                     .columns
                                     .iter()
@@ -921,9 +963,13 @@ impl Reader<'_> {
                                     .filter(|o| self.ctx.types.needs(*o))
                                     .collect();
                                 if !unknown.is_empty() {
-                                    postgres::types::load_types(&self.control, &mut self.ctx.types, &unknown)
-                                        .await
-                                        .map_err(|e| PgError::query("loading column types", e))?;
+                                    postgres::types::load_types(
+                                        &self.control,
+                                        &mut self.ctx.types,
+                                        &unknown,
+                                    )
+                                    .await
+                                    .map_err(|e| PgError::query("loading column types", e))?;
                                 }
                                 let projection = Projection::resolve(
                                     &self.config.mapping,
@@ -946,8 +992,10 @@ impl Reader<'_> {
                                 }
                                 reported_missing.retain(|m| projection.missing_columns.contains(m));
                                 if !change.is_unchanged() && !change.first_seen {
-                                    let added: Vec<&str> = change.added.iter().map(|c| c.name.as_str()).collect();
-                                    let retyped: Vec<&str> = change.retyped.iter().map(|c| c.name.as_str()).collect();
+                                    let added: Vec<&str> =
+                                        change.added.iter().map(|c| c.name.as_str()).collect();
+                                    let retyped: Vec<&str> =
+                                        change.retyped.iter().map(|c| c.name.as_str()).collect();
                                     tracing::info!(table = %qualified, ?added, dropped = ?change.dropped, ?retyped, "table shape changed");
                                 }
                                 ours = Some((rel_id, projection));
@@ -955,7 +1003,12 @@ impl Reader<'_> {
                             continue;
                         }
                         LogicalMessage::Insert { rel_id, new, .. } => (Op::Insert, rel_id, new),
-                        LogicalMessage::Update { rel_id, mut new, old, .. } => {
+                        LogicalMessage::Update {
+                            rel_id,
+                            mut new,
+                            old,
+                            ..
+                        } => {
                             // An unchanged TOASTed value is not in the new row, but the whole
                             // old row (REPLICA IDENTITY FULL) carries it: unchanged means equal.
                             if let Some(crate::decode::pgoutput::OldTuple::Full(old)) = old {
@@ -986,7 +1039,9 @@ impl Reader<'_> {
                         _ => continue,
                     };
                     ordinal += 1;
-                    let Some((ours_id, projection)) = &ours else { continue };
+                    let Some((ours_id, projection)) = &ours else {
+                        continue;
+                    };
                     if *ours_id != rel_id {
                         continue;
                     }
@@ -1079,7 +1134,8 @@ impl Progress {
                 }
                 bar.set_position(self.rows);
             }
-        } else if self.rows.is_multiple_of(1024) && self.last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
+        } else if self.rows.is_multiple_of(1024) && self.last_log.elapsed() >= PROGRESS_LOG_INTERVAL
+        {
             self.last_log = Instant::now();
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
             let rate = self.rows as f64 / secs;

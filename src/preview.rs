@@ -14,7 +14,9 @@ use crate::postgres::{self, PgError, catalog, quote_qualified};
 use crate::source::SourceError;
 use crate::source::snapshot::{SnapshotQuery, snapshot_row_message_id};
 use crate::source::stream::current_wal_lsn;
-use crate::transform::event::{EventFactory, Stamp, now_pg_micros, now_rfc3339, pg_micros_to_rfc3339};
+use crate::transform::event::{
+    EventFactory, Stamp, now_pg_micros, now_rfc3339, pg_micros_to_rfc3339,
+};
 use crate::transform::{Op, Projection};
 
 /// Runs the preview, printing to stdout.
@@ -54,15 +56,27 @@ pub async fn run(config: &Config, limit: u32) -> Result<(), Error> {
 
     let mut out = String::new();
     out.push_str(&format!("Mapping of {qualified}:\n"));
-    let width = table.columns.iter().map(|c| c.name.len()).max().unwrap_or(6).max(6);
-    out.push_str(&format!("  {:width$}  {:24}  type\n", "column", "trait key"));
+    let width = table
+        .columns
+        .iter()
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    out.push_str(&format!(
+        "  {:width$}  {:24}  type\n",
+        "column", "trait key"
+    ));
     for t in &projection.traits {
         let type_name = table
             .columns
             .get(t.index)
             .map(|c| c.type_name.as_str())
             .unwrap_or("?");
-        out.push_str(&format!("  {:width$}  {:24}  {type_name}\n", t.column, t.key));
+        out.push_str(&format!(
+            "  {:width$}  {:24}  {type_name}\n",
+            t.column, t.key
+        ));
     }
     let role = |pos: Option<usize>| {
         pos.and_then(|i| table.columns.get(i))
@@ -76,7 +90,9 @@ pub async fn run(config: &Config, limit: u32) -> Result<(), Error> {
         role(projection.email)
     ));
     for missing in &projection.missing_columns {
-        out.push_str(&format!("  ! selected column {missing:?} is not in the table\n"));
+        out.push_str(&format!(
+            "  ! selected column {missing:?} is not in the table\n"
+        ));
     }
     out.push('\n');
 

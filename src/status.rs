@@ -59,7 +59,9 @@ pub struct SyncRun {
 
 /// Gathers the status.
 pub async fn gather(config: &Config) -> Result<Status, Error> {
-    let client = postgres::connect(&config.source, &config.name).await?.client;
+    let client = postgres::connect(&config.source, &config.name)
+        .await?
+        .client;
     let slot = client
         .query_opt(
             "SELECT active, wal_status, confirmed_flush_lsn::text,
@@ -165,7 +167,11 @@ pub async fn run(config: &Config, json: bool) -> Result<(), Error> {
     t.push_str(&format!(
         "full sync     {}{}\n",
         opt(&s.full_sync),
-        if s.resync_requested { " (resync requested)" } else { "" }
+        if s.resync_requested {
+            " (resync requested)"
+        } else {
+            ""
+        }
     ));
     t.push_str(&format!("dead letters  {}\n", s.dead_letters));
     if !s.recent_runs.is_empty() {
@@ -188,7 +194,9 @@ pub async fn run(config: &Config, json: bool) -> Result<(), Error> {
 
 /// `slotstream resync`: the next run does a full sync.
 pub async fn resync(config: &Config) -> Result<(), Error> {
-    let mut client = postgres::connect(&config.source, &config.name).await?.client;
+    let mut client = postgres::connect(&config.source, &config.name)
+        .await?
+        .client;
     state::migrate(&mut client).await?;
     if !state::request_resync(&client, &config.name).await? {
         return print(&format!(
@@ -221,7 +229,9 @@ pub async fn teardown(config: &Config, yes: bool) -> Result<(), Error> {
             return print("teardown cancelled\n");
         }
     }
-    let client = postgres::connect(&config.source, &config.name).await?.client;
+    let client = postgres::connect(&config.source, &config.name)
+        .await?
+        .client;
     if let Some(info) = stream::slot_info(&client, &config.source.slot).await? {
         if let Some(pid) = info.active_pid {
             return Err(crate::source::SourceError::SlotBusy {

@@ -108,7 +108,10 @@ async fn writer(
             }
             _ => {
                 let tx = client.transaction().await.expect("begin");
-                let n1 = tx.execute(&update, &[&a, &name, &plan]).await.expect("update");
+                let n1 = tx
+                    .execute(&update, &[&a, &name, &plan])
+                    .await
+                    .expect("update");
                 let n2 = tx
                     .execute(&update, &[&a, &format!("{name} again"), &plan])
                     .await
@@ -171,15 +174,19 @@ async fn full_sync_is_consistent_with_concurrent_writer() {
 
     let started = Instant::now();
     let mut child = fx.spawn_run();
-    wait_until(Duration::from_secs(60), "the full sync to start", || async {
-        fx.full_sync_state().await.as_deref() == Some("running")
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the full sync to start",
+        || async { fx.full_sync_state().await.as_deref() == Some("running") },
+    )
     .await;
     let writes_at_start = stats.total();
     let sync_started = Instant::now();
-    wait_until(Duration::from_secs(300), "the full sync to finish", || async {
-        fx.full_sync_state().await.as_deref() == Some("done")
-    })
+    wait_until(
+        Duration::from_secs(300),
+        "the full sync to finish",
+        || async { fx.full_sync_state().await.as_deref() == Some("done") },
+    )
     .await;
     let writes_during_sync = stats.total() - writes_at_start;
     eprintln!(
@@ -190,10 +197,14 @@ async fn full_sync_is_consistent_with_concurrent_writer() {
     // The writer goes on for a bit while the stream runs.
     let more = stats.total();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    wait_until(Duration::from_secs(30), "more writes after the full sync", || {
-        let stats = stats.clone();
-        async move { stats.total() > more + 20 }
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "more writes after the full sync",
+        || {
+            let stats = stats.clone();
+            async move { stats.total() > more + 20 }
+        },
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     writer_task.await.expect("writer");
@@ -226,7 +237,11 @@ async fn full_sync_is_consistent_with_concurrent_writer() {
     .await;
     support::sigterm(&child);
     let status = child.wait().expect("wait for slotstream");
-    assert!(status.success(), "slotstream exited with {status}\n{}", fx.run_log());
+    assert!(
+        status.success(),
+        "slotstream exited with {status}\n{}",
+        fx.run_log()
+    );
     eprintln!("caught up {:?} after spawn", started.elapsed());
 
     let t = Instant::now();
@@ -239,7 +254,12 @@ async fn full_sync_is_consistent_with_concurrent_writer() {
     });
     let table = table_state(&admin, "public.users", "user_id", None).await;
     let (summary, state) = reading.await.expect("read events");
-    eprintln!("{} events {:?}, read with the table in {:?}", summary.events, summary.ops, t.elapsed());
+    eprintln!(
+        "{} events {:?}, read with the table in {:?}",
+        summary.events,
+        summary.ops,
+        t.elapsed()
+    );
     assert_eq!(summary.without_user_id, 0, "every event carries the userId");
     assert_eq!(
         summary.duplicate_message_ids, 0,
@@ -252,12 +272,24 @@ async fn full_sync_is_consistent_with_concurrent_writer() {
         "rows both in the snapshot and inserted by the stream: {:?}",
         summary.inserted_after_snapshot
     );
-    for op in [EventOp::Snapshot, EventOp::Insert, EventOp::Update, EventOp::Delete] {
-        assert!(summary.op(op) > 0, "expected {op:?} events, got {:?}", summary.ops);
+    for op in [
+        EventOp::Snapshot,
+        EventOp::Insert,
+        EventOp::Update,
+        EventOp::Delete,
+    ] {
+        assert!(
+            summary.op(op) > 0,
+            "expected {op:?} events, got {:?}",
+            summary.ops
+        );
     }
     let t = Instant::now();
     assert_same_state(&state, &table);
     eprintln!("compared with the table in {:?}", t.elapsed());
     let log = fx.run_log();
-    assert!(!log.contains("ERROR") && !log.contains("WARN pipeline failed"), "{log}");
+    assert!(
+        !log.contains("ERROR") && !log.contains("WARN pipeline failed"),
+        "{log}"
+    );
 }

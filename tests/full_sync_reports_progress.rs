@@ -39,11 +39,15 @@ fn progress_lines(log: &str) -> Vec<ProgressLine> {
         .map(|l| ProgressLine {
             at: OffsetDateTime::parse(l.split_whitespace().next().unwrap_or(""), &Rfc3339)
                 .unwrap_or_else(|e| panic!("timestamp of {l:?}: {e}")),
-            rows: field(l, "rows").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("rows in {l:?}")),
+            rows: field(l, "rows")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("rows in {l:?}")),
             rows_per_sec: field(l, "rows_per_sec")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or_else(|| panic!("rows_per_sec in {l:?}")),
-            eta: field(l, "eta").unwrap_or_else(|| panic!("eta in {l:?}")).to_owned(),
+            eta: field(l, "eta")
+                .unwrap_or_else(|| panic!("eta in {l:?}"))
+                .to_owned(),
         })
         .collect()
 }
@@ -94,27 +98,42 @@ async fn full_sync_reports_progress() {
     };
 
     let mut child = fx.spawn_run();
-    wait_until(Duration::from_secs(90), "two full sync progress lines", || async {
-        progress_lines(&fx.run_log()).len() >= 2
-    })
+    wait_until(
+        Duration::from_secs(90),
+        "two full sync progress lines",
+        || async { progress_lines(&fx.run_log()).len() >= 2 },
+    )
     .await;
     fast.store(true, Ordering::Relaxed);
-    wait_until(Duration::from_secs(120), "the full sync to finish", || async {
-        fx.full_sync_state().await.as_deref() == Some("done")
-    })
+    wait_until(
+        Duration::from_secs(120),
+        "the full sync to finish",
+        || async { fx.full_sync_state().await.as_deref() == Some("done") },
+    )
     .await;
     support::sigterm(&child);
     let status = child.wait().expect("wait for slotstream");
-    assert!(status.success(), "slotstream exited with {status}\n{}", fx.run_log());
+    assert!(
+        status.success(),
+        "slotstream exited with {status}\n{}",
+        fx.run_log()
+    );
     reader.join().expect("fifo reader");
-    assert_eq!(lines.load(Ordering::Relaxed), ROWS as usize, "every row reached the sink");
+    assert_eq!(
+        lines.load(Ordering::Relaxed),
+        ROWS as usize,
+        "every row reached the sink"
+    );
 
     let log = fx.run_log();
     let progress = progress_lines(&log);
     eprintln!("{progress:#?}");
     let (first, second) = (&progress[0], &progress[1]);
     assert!(first.rows > 0 && second.rows > first.rows, "{progress:?}");
-    assert!(first.rows < ROWS as u64, "progress is reported during the sync: {progress:?}");
+    assert!(
+        first.rows < ROWS as u64,
+        "progress is reported during the sync: {progress:?}"
+    );
     assert!(first.rows_per_sec > 0, "{progress:?}");
     // ANALYZE gave an estimate, so the ETA is a number of seconds.
     assert!(
@@ -129,7 +148,10 @@ async fn full_sync_reports_progress() {
     for l in log.lines().filter(|l| l.contains("full sync progress")) {
         assert!(l.contains(" INFO "), "an INFO line: {l}");
     }
-    assert!(!log.contains('\u{1b}'), "no terminal escapes when stderr is a file:\n{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "no terminal escapes when stderr is a file:\n{log}"
+    );
 
     let runs = c
         .query(
@@ -140,7 +162,8 @@ async fn full_sync_reports_progress() {
         .await
         .expect("sync runs");
     assert_eq!(runs.len(), 1, "one snapshot sync run");
-    let (rows, events, status): (i64, i64, String) = (runs[0].get(0), runs[0].get(1), runs[0].get(2));
+    let (rows, events, status): (i64, i64, String) =
+        (runs[0].get(0), runs[0].get(1), runs[0].get(2));
     eprintln!("snapshot sync run: rows {rows}, events {events}, {status}");
     assert_eq!(rows, ROWS, "the snapshot run records the row count");
     assert_eq!(status, "succeeded");

@@ -20,8 +20,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use support::{
-    EventOp, assert_same_state, fold_events, read_light_events, sigkill, summarize_events,
-    table_state, users_fixture, wait_until,
+    EventOp, assert_same_state, fold_events, read_light_events, read_light_events_after, sigkill,
+    summarize_events, table_state, users_fixture, wait_until,
 };
 
 const TABLE: &str = "CREATE TABLE public.users (
@@ -67,9 +67,11 @@ async fn full_sync_restarts_cleanly_after_sigkill() {
     // 1. Kill the first full sync halfway.
     let mut child = fx.spawn_run();
     let some = (rows / 20).max(1) as usize;
-    wait_until(Duration::from_secs(120), "the first snapshot events", || async {
-        fx.event_lines() >= some
-    })
+    wait_until(
+        Duration::from_secs(120),
+        "the first snapshot events",
+        || async { fx.event_lines() >= some },
+    )
     .await;
     sigkill(&child);
     child.wait().expect("wait for the killed run");
@@ -79,7 +81,9 @@ async fn full_sync_restarts_cleanly_after_sigkill() {
         "the full sync must be killed before it ends ({killed_at} lines for {rows} rows)"
     );
     assert_eq!(fx.full_sync_state().await.as_deref(), Some("running"));
-    let first_snapshot_lsn = full_sync_lsn(&admin, &fx.name).await.expect("full_sync_lsn");
+    let first_snapshot_lsn = full_sync_lsn(&admin, &fx.name)
+        .await
+        .expect("full_sync_lsn");
     let partial = read_light_events(&fx.events);
     assert!(partial.iter().all(|e| e.op == EventOp::Snapshot));
     let partial_ids: HashMap<String, String> = partial
@@ -121,12 +125,16 @@ async fn full_sync_restarts_cleanly_after_sigkill() {
     // 3. Restart: the full sync runs again from a new snapshot, then the stream.
     let restarted = Instant::now();
     let mut child = fx.spawn_run();
-    wait_until(Duration::from_secs(300), "the restarted full sync to finish", || async {
-        fx.full_sync_state().await.as_deref() == Some("done")
-    })
+    wait_until(
+        Duration::from_secs(300),
+        "the restarted full sync to finish",
+        || async { fx.full_sync_state().await.as_deref() == Some("done") },
+    )
     .await;
     eprintln!("restarted full sync done in {:?}", restarted.elapsed());
-    let second_snapshot_lsn = full_sync_lsn(&admin, &fx.name).await.expect("full_sync_lsn");
+    let second_snapshot_lsn = full_sync_lsn(&admin, &fx.name)
+        .await
+        .expect("full_sync_lsn");
     assert_ne!(
         first_snapshot_lsn, second_snapshot_lsn,
         "the restarted full sync reads a new snapshot"
@@ -152,13 +160,16 @@ async fn full_sync_restarts_cleanly_after_sigkill() {
         .await
         .expect("streamed changes");
     // Events are written in commit order: once the insert's is there, the others are too.
-    wait_until(Duration::from_secs(60), "the streamed changes' events", || async {
-        fx.events_tail_contains("\"name\":\"streamed\"", 1 << 16)
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the streamed changes' events",
+        || async { fx.events_tail_contains("\"name\":\"streamed\"", 1 << 16) },
+    )
     .await;
     sigkill(&child);
     child.wait().expect("wait for the killed run");
-    let streaming_killed_at = read_light_events(&fx.events).len();
+    // Where the file ended at the crash: what follows is the next run's.
+    let streaming_killed_at = std::fs::metadata(&fx.events).expect("events file").len();
     assert_eq!(fx.full_sync_state().await.as_deref(), Some("done"));
     admin
         .execute("UPDATE users SET n = n + 1000 WHERE id = 50", &[])
@@ -167,10 +178,11 @@ async fn full_sync_restarts_cleanly_after_sigkill() {
     fx.run_once();
 
     let events = read_light_events(&fx.events);
+    let after_crash = read_light_events_after(&fx.events, streaming_killed_at);
     let (first, rest) = events.split_at(partial.len());
-    let (second, after_crash) = rest.split_at(streaming_killed_at - partial.len());
+    let (second, _) = rest.split_at(rest.len() - after_crash.len());
     assert!(first.iter().all(|e| e.op == EventOp::Snapshot));
-    let after = summarize_events(after_crash);
+    let after = summarize_events(&after_crash);
     assert_eq!(
         after.op(EventOp::Snapshot),
         0,

@@ -64,10 +64,15 @@ async fn assert_rebuilds_table(fx: &Fixture, c: &tokio_postgres::Client, traits:
 
 /// Asserts that `events` hold one full sync of every row with exactly the trait keys `keys`.
 fn assert_full_sync(events: &[LightEvent], rows: usize, keys: &[&str]) {
-    let snapshot: Vec<&LightEvent> = events.iter().filter(|e| e.op == EventOp::Snapshot).collect();
+    let snapshot: Vec<&LightEvent> = events
+        .iter()
+        .filter(|e| e.op == EventOp::Snapshot)
+        .collect();
     assert_eq!(snapshot.len(), rows, "one snapshot event per row");
-    let users: std::collections::HashSet<&str> =
-        snapshot.iter().filter_map(|e| e.user_id.as_deref()).collect();
+    let users: std::collections::HashSet<&str> = snapshot
+        .iter()
+        .filter_map(|e| e.user_id.as_deref())
+        .collect();
     assert_eq!(users.len(), rows, "each row once");
     for e in snapshot {
         let traits: serde_json::Map<String, serde_json::Value> =
@@ -111,10 +116,17 @@ async fn mapping_change_triggers_one_full_sync() {
     assert_rebuilds_table(&fx, &c, v1).await;
 
     // Same mapping: the next run only streams.
-    c.batch_execute("UPDATE users SET plan = 'pro' WHERE id = 1").await.unwrap();
+    c.batch_execute("UPDATE users SET plan = 'pro' WHERE id = 1")
+        .await
+        .unwrap();
     let second = run_once(&fx);
     let s = summarize_events(&second);
-    assert_eq!((s.op(EventOp::Snapshot), s.op(EventOp::Update)), (0, 1), "{:?}", s.ops);
+    assert_eq!(
+        (s.op(EventOp::Snapshot), s.op(EventOp::Update)),
+        (0, 1),
+        "{:?}",
+        s.ops
+    );
     assert_eq!(snapshot_runs(&fx).await, 1);
 
     // Changes between runs, then a trait key renamed: one full sync with the new key.
@@ -127,7 +139,10 @@ async fn mapping_change_triggers_one_full_sync() {
     )
     .await
     .unwrap();
-    set_mapping(&fx, &format!("{COLUMNS}\n[mapping.trait_keys]\nname = \"fullName\"\n"));
+    set_mapping(
+        &fx,
+        &format!("{COLUMNS}\n[mapping.trait_keys]\nname = \"fullName\"\n"),
+    );
     let v2: &[(&str, &str)] = &[
         ("user_id", "user_id"),
         ("email", "email"),
@@ -135,40 +150,72 @@ async fn mapping_change_triggers_one_full_sync() {
         ("plan", "plan"),
     ];
     let third = run_once(&fx);
-    assert_full_sync(&third, table_rows(&c).await, &["user_id", "email", "fullName", "plan"]);
+    assert_full_sync(
+        &third,
+        table_rows(&c).await,
+        &["user_id", "email", "fullName", "plan"],
+    );
     assert_eq!(snapshot_runs(&fx).await, 2);
     assert_rebuilds_table(&fx, &c, v2).await;
 
     // The run after it does not repeat it.
-    c.batch_execute("UPDATE users SET name = 'again' WHERE id = 4").await.unwrap();
+    c.batch_execute("UPDATE users SET name = 'again' WHERE id = 4")
+        .await
+        .unwrap();
     let fourth = run_once(&fx);
     let s = summarize_events(&fourth);
-    assert_eq!((s.op(EventOp::Snapshot), s.op(EventOp::Update)), (0, 1), "{:?}", s.ops);
-    assert!(fourth[0].traits.as_deref().is_some_and(|t| t.contains("\"fullName\":\"again\"")));
+    assert_eq!(
+        (s.op(EventOp::Snapshot), s.op(EventOp::Update)),
+        (0, 1),
+        "{:?}",
+        s.ops
+    );
+    assert!(
+        fourth[0]
+            .traits
+            .as_deref()
+            .is_some_and(|t| t.contains("\"fullName\":\"again\""))
+    );
     assert_eq!(snapshot_runs(&fx).await, 2);
 
     // A column dropped from the selection is a mapping change too.
-    c.batch_execute("DELETE FROM users WHERE id = 5").await.unwrap();
+    c.batch_execute("DELETE FROM users WHERE id = 5")
+        .await
+        .unwrap();
     set_mapping(
         &fx,
         "columns = [\"user_id\", \"email\", \"name\"]\n\n[mapping.trait_keys]\nname = \"fullName\"\n",
     );
-    let v3: &[(&str, &str)] = &[("user_id", "user_id"), ("email", "email"), ("fullName", "name")];
+    let v3: &[(&str, &str)] = &[
+        ("user_id", "user_id"),
+        ("email", "email"),
+        ("fullName", "name"),
+    ];
     let fifth = run_once(&fx);
-    assert_full_sync(&fifth, table_rows(&c).await, &["user_id", "email", "fullName"]);
+    assert_full_sync(
+        &fifth,
+        table_rows(&c).await,
+        &["user_id", "email", "fullName"],
+    );
     assert_eq!(snapshot_runs(&fx).await, 3);
     assert_rebuilds_table(&fx, &c, v3).await;
     assert_eq!(summarize_events(&run_once(&fx)).op(EventOp::Snapshot), 0);
 
     // `slotstream resync` forces one full sync, with the same mapping.
-    c.batch_execute("DELETE FROM users WHERE id = 6; UPDATE users SET email = 'x@example.com' WHERE id = 7")
-        .await
-        .unwrap();
+    c.batch_execute(
+        "DELETE FROM users WHERE id = 6; UPDATE users SET email = 'x@example.com' WHERE id = 7",
+    )
+    .await
+    .unwrap();
     let (code, out, err) = fx.slotstream("resync", &[]);
     assert_eq!(code, 0, "resync failed\nstdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("resync requested"), "{out}");
     let sixth = run_once(&fx);
-    assert_full_sync(&sixth, table_rows(&c).await, &["user_id", "email", "fullName"]);
+    assert_full_sync(
+        &sixth,
+        table_rows(&c).await,
+        &["user_id", "email", "fullName"],
+    );
     assert_eq!(snapshot_runs(&fx).await, 4);
     assert_rebuilds_table(&fx, &c, v3).await;
     let seventh = run_once(&fx);

@@ -55,7 +55,10 @@ fn estimate_value(v: &serde_json::Value) -> usize {
         serde_json::Value::String(s) => 24 + s.len(),
         serde_json::Value::Array(a) => 24 + a.iter().map(estimate_value).sum::<usize>(),
         serde_json::Value::Object(o) => {
-            48 + o.iter().map(|(k, v)| k.len() + estimate_value(v)).sum::<usize>()
+            48 + o
+                .iter()
+                .map(|(k, v)| k.len() + estimate_value(v))
+                .sum::<usize>()
         }
         serde_json::Value::Number(n) => 24 + n.as_str().len(),
         _ => 16,

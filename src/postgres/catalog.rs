@@ -69,11 +69,7 @@ pub async fn table(client: &Client, schema: &str, name: &str) -> Result<Option<T
         .map_err(|e| PgError::query("looking up the table", e))?;
     let Some(row) = row else { return Ok(None) };
     let oid: u32 = row.get(0);
-    let replica_identity = row
-        .get::<_, String>(1)
-        .chars()
-        .next()
-        .unwrap_or('d');
+    let replica_identity = row.get::<_, String>(1).chars().next().unwrap_or('d');
     let estimated_rows: i64 = row.get(2);
     let rows = client
         .query(

@@ -110,7 +110,10 @@ impl PgError {
                 let c = code.code();
                 // Class 08 connection exception, 53 insufficient resources, 57 operator
                 // intervention (admin shutdown, crash shutdown, cannot connect now), 40 rollback.
-                c.starts_with("08") || c.starts_with("53") || c.starts_with("57") || c.starts_with("40")
+                c.starts_with("08")
+                    || c.starts_with("53")
+                    || c.starts_with("57")
+                    || c.starts_with("40")
             }
         }
     }
@@ -193,7 +196,10 @@ pub async fn connect(source: &SourceConfig, pipeline: &str) -> Result<Connection
         code: e.code().cloned(),
     };
     if source.sslmode == SslMode::Disable || source.host.starts_with('/') {
-        let (client, connection) = cfg.connect(tokio_postgres::NoTls).await.map_err(connect_err)?;
+        let (client, connection) = cfg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(connect_err)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "control connection closed");
@@ -210,7 +216,10 @@ pub async fn connect(source: &SourceConfig, pipeline: &str) -> Result<Connection
     });
     // tokio-postgres does not say whether `prefer` ended up encrypted; ask the server.
     let encrypted = client
-        .query_one("SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)", &[])
+        .query_one(
+            "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+            &[],
+        )
         .await
         .map(|row| row.get::<_, bool>(0))
         .unwrap_or(false);
@@ -253,7 +262,10 @@ mod tests {
     fn identifiers_are_quoted_with_doubled_quotes() {
         assert_eq!(quote_ident("users"), "\"users\"");
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
-        assert_eq!(quote_qualified("My Schema", "select"), "\"My Schema\".\"select\"");
+        assert_eq!(
+            quote_qualified("My Schema", "select"),
+            "\"My Schema\".\"select\""
+        );
         assert_eq!(quote_literal("it's"), "'it''s'");
     }
 }

@@ -258,7 +258,12 @@ pub async fn begin_full_sync(
                       mapping_hash = $3, lsn = CASE WHEN $4 THEN $2 ELSE lsn END,
                       resync_requested = false, updated_at = now()
                 WHERE pipeline = $1"#,
-            &[&pipeline, &lsn_param(snapshot_lsn), &mapping_hash, &new_slot],
+            &[
+                &pipeline,
+                &lsn_param(snapshot_lsn),
+                &mapping_hash,
+                &new_slot,
+            ],
         )
         .await
         .map_err(|e| PgError::query("recording the start of the full sync", e))?;

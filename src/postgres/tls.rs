@@ -39,15 +39,24 @@ fn root_store(source: &SourceConfig) -> Result<RootCertStore, PgError> {
     match &source.sslrootcert {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|e| {
-                tls_err(source.sslmode, format!("cannot read {}: {e}", path.display()))
+                tls_err(
+                    source.sslmode,
+                    format!("cannot read {}: {e}", path.display()),
+                )
             })?;
             let mut added = 0;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
                 let cert = cert.map_err(|e| {
-                    tls_err(source.sslmode, format!("{} is not PEM: {e}", path.display()))
+                    tls_err(
+                        source.sslmode,
+                        format!("{} is not PEM: {e}", path.display()),
+                    )
                 })?;
                 roots.add(cert).map_err(|e| {
-                    tls_err(source.sslmode, format!("bad certificate in {}: {e}", path.display()))
+                    tls_err(
+                        source.sslmode,
+                        format!("bad certificate in {}: {e}", path.display()),
+                    )
                 })?;
                 added += 1;
             }
@@ -164,10 +173,13 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
             | Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForNameContext { .. },

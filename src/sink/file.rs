@@ -11,6 +11,10 @@ use std::path::PathBuf;
 use super::{DeliverFuture, Sink, SinkError, write_jsonl};
 use crate::transform::Event;
 
+/// Bytes per `write(2)`. Measured on Linux 6.18/ext4: writing 160 MiB as 4 MiB (or 2 MiB) writes
+/// took ~0.6 s of CPU, as 1 MiB writes 0.05 s; a big batch is written in pieces.
+const WRITE_CHUNK: usize = 1 << 20;
+
 /// Appends JSON lines to a file.
 #[derive(Debug)]
 pub struct FileSink {
@@ -78,8 +82,9 @@ impl Sink for FileSink {
             let fsync = self.fsync;
             let (file, buf, result) = tokio::task::spawn_blocking(move || {
                 let before = file.metadata().map(|m| m.len());
-                let r = file
-                    .write_all(&buf)
+                let r = buf
+                    .chunks(WRITE_CHUNK)
+                    .try_for_each(|chunk| file.write_all(chunk))
                     .and_then(|()| if fsync { file.sync_data() } else { Ok(()) });
                 // A failed batch is not delivered and will be sent again from the checkpoint:
                 // cut off what part of it was written (a full disk or a size limit accepts the

@@ -7,6 +7,7 @@
 //! that order.
 
 pub mod file;
+pub mod json;
 pub mod stdout;
 
 use std::future::Future;
@@ -84,7 +85,7 @@ pub fn write_jsonl(events: &mut [Event], buf: &mut Vec<u8>) -> Result<(), SinkEr
     let sent_at: SharedStr = now_rfc3339().into();
     for e in events.iter_mut() {
         e.sent_at = Some(sent_at.clone());
-        serde_json::to_writer(&mut *buf, e)?;
+        json::write_event(buf, e);
         buf.push(b'\n');
     }
     Ok(())

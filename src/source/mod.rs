@@ -14,7 +14,9 @@ pub enum SourceError {
     Replication(#[from] PgWireError),
     /// The slot this pipeline reads is gone while the full sync is done: changes since the
     /// checkpoint can no longer be read.
-    #[error("replication slot {slot:?} does not exist, so the changes since the last checkpoint cannot be read")]
+    #[error(
+        "replication slot {slot:?} does not exist, so the changes since the last checkpoint cannot be read"
+    )]
     SlotMissing {
         /// The slot.
         slot: String,

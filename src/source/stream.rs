@@ -123,11 +123,7 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
 }
 
 /// Checks that an existing slot can carry this pipeline's stream.
-pub fn check_slot(
-    slot: &str,
-    info: &SlotInfo,
-    database: &str,
-) -> Result<(), SourceError> {
+pub fn check_slot(slot: &str, info: &SlotInfo, database: &str) -> Result<(), SourceError> {
     let unusable = |reason: String| SourceError::SlotUnusable {
         slot: slot.to_owned(),
         reason,

@@ -190,14 +190,40 @@ impl Event {
 
 /// `messageId` of a streamed change: commit LSN and ordinal within the transaction.
 pub fn stream_message_id(pipeline: &str, commit_lsn: Lsn, ordinal: u64) -> Uuid {
-    let name = format!("{pipeline}\u{0}{}\u{0}{ordinal}", commit_lsn.as_u64());
-    Uuid::new_v5(&MESSAGE_NAMESPACE, name.as_bytes())
+    // The name `{pipeline}\0{commit LSN as u64}\0{ordinal}`, built without `format!`: this
+    // runs once per change.
+    let mut name = Vec::with_capacity(pipeline.len() + 42);
+    name.extend_from_slice(pipeline.as_bytes());
+    name.push(0);
+    push_decimal(&mut name, commit_lsn.as_u64());
+    name.push(0);
+    push_decimal(&mut name, ordinal);
+    Uuid::new_v5(&MESSAGE_NAMESPACE, &name)
+}
+
+/// Appends the decimal digits of `n`.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
 }
 
 /// `messageId` of a snapshot row from its identity (see `source::snapshot`: key and content).
 pub fn snapshot_message_id(pipeline: &str, row_identity: &str) -> Uuid {
-    let name = format!("{pipeline}\u{0}snapshot\u{0}{row_identity}");
-    Uuid::new_v5(&MESSAGE_NAMESPACE, name.as_bytes())
+    // `pipeline \0 snapshot \0 identity`, without the formatting machinery (once per row).
+    let mut name = Vec::with_capacity(pipeline.len() + row_identity.len() + 10);
+    name.extend_from_slice(pipeline.as_bytes());
+    name.extend_from_slice(b"\0snapshot\0");
+    name.extend_from_slice(row_identity.as_bytes());
+    Uuid::new_v5(&MESSAGE_NAMESPACE, &name)
 }
 
 /// RFC 3339 (UTC, microseconds) of a PostgreSQL timestamp (µs since 2000-01-01).
@@ -233,6 +259,11 @@ mod tests {
         assert_ne!(a, stream_message_id("p", Lsn(0x16B6C50), 4));
         assert_ne!(a, stream_message_id("q", Lsn(0x16B6C50), 3));
         assert_ne!(a, stream_message_id("p", Lsn(0x16B6C51), 3));
+        for (lsn, ordinal) in [(0, 0), (0x16B6C50, 3), (u64::MAX, u64::MAX)] {
+            let name = format!("p\u{0}{lsn}\u{0}{ordinal}");
+            let expected = Uuid::new_v5(&MESSAGE_NAMESPACE, name.as_bytes());
+            assert_eq!(stream_message_id("p", Lsn(lsn), ordinal), expected);
+        }
         let s = snapshot_message_id("p", "[1]");
         assert_eq!(s, snapshot_message_id("p", "[1]"));
         assert_ne!(s, snapshot_message_id("p", "[2]"));
@@ -255,7 +286,10 @@ mod tests {
             traits: Some(crate::transform::Traits::default()),
             properties: None,
             context: Context {
-                library: Library { name: "slotstream", version: "0.1.0" },
+                library: Library {
+                    name: "slotstream",
+                    version: "0.1.0",
+                },
                 sources: Sources {
                     name: "p".into(),
                     schema: "public".into(),

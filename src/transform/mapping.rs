@@ -41,7 +41,9 @@ pub enum MappingError {
         columns: String,
     },
     /// An identifier named under `[mapping.identifiers]` does not exist.
-    #[error("mapping.identifiers.{role} names column {column:?}, which table {table} does not have (its columns: {columns})")]
+    #[error(
+        "mapping.identifiers.{role} names column {column:?}, which table {table} does not have (its columns: {columns})"
+    )]
     MissingIdentifier {
         /// user_id / anonymous_id / email.
         role: &'static str,
@@ -375,7 +377,8 @@ impl Projection {
     /// Projects one row. `cell(index)` gives the decoded cell at a column position; it is
     /// called once per needed column.
     pub fn project(&self, mut cell: impl FnMut(usize) -> CellRef) -> ProjectedRow {
-        let mut values: Vec<Option<Value>> = vec![None; self.trait_keys.columns.len()];
+        let mut values: Vec<Option<Value>> = Vec::with_capacity(self.trait_keys.columns.len());
+        values.resize_with(self.trait_keys.columns.len(), || None);
         let mut id_values: [Option<String>; 3] = [None, None, None];
         let id_positions = [self.user_id, self.anonymous_id, self.email];
         let mut seen_ids = [false; 3];
@@ -503,8 +506,8 @@ mod tests {
 
     #[test]
     fn missing_selected_column_is_reported_not_fatal() {
-        let p = Projection::resolve(&config(Some(vec!["email", "plan"])), "t", COLS)
-            .expect("resolves");
+        let p =
+            Projection::resolve(&config(Some(vec!["email", "plan"])), "t", COLS).expect("resolves");
         assert_eq!(p.missing_columns, vec!["plan".to_owned()]);
     }
 

@@ -6,4 +6,4 @@ pub mod event;
 pub mod mapping;
 
 pub use event::{Event, EventKind, Op};
-pub use mapping::{MappingError, Projection, ProjectedRow, Traits};
+pub use mapping::{MappingError, ProjectedRow, Projection, Traits};

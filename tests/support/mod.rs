@@ -541,7 +541,25 @@ pub const USERS_TABLE: &str = "CREATE TABLE public.users (
 /// `[sync]`, `[schedule]` sections). `filter`, if given, goes into setup.sql and must also be
 /// put in `extra` by the caller.
 pub async fn users_fixture(table_sql: &str, extra: &str, filter: Option<&str>) -> Fixture {
-    let db = database().await;
+    users_fixture_on(database().await, table_sql, extra, filter).await
+}
+
+/// [`users_fixture`] in a database of a dedicated cluster ([`cluster_with`]).
+pub async fn users_fixture_in(
+    cluster: &OwnedCluster,
+    table_sql: &str,
+    extra: &str,
+    filter: Option<&str>,
+) -> Fixture {
+    users_fixture_on(cluster.database().await, table_sql, extra, filter).await
+}
+
+async fn users_fixture_on(
+    db: TestDb,
+    table_sql: &str,
+    extra: &str,
+    filter: Option<&str>,
+) -> Fixture {
     let client = db.connect().await;
     client.batch_execute(table_sql).await.expect("create table");
     let role = format!("rudder_{}", db.name);
@@ -831,10 +849,19 @@ fn light_event_slow(line: &str) -> LightEvent {
 /// Every complete event of a JSONL events file, in file order. A line cut short by a crash
 /// mid-write (the sink appends a newline after it on restart) is skipped.
 pub fn read_light_events(path: &Path) -> Vec<LightEvent> {
-    use std::io::BufRead;
-    let Ok(file) = std::fs::File::open(path) else {
+    read_light_events_after(path, 0)
+}
+
+/// Like [`read_light_events`], for the part of the file from byte `offset` on (a file length
+/// noted earlier: what was written since). A line that straddles `offset` is skipped.
+pub fn read_light_events_after(path: &Path, offset: u64) -> Vec<LightEvent> {
+    use std::io::{BufRead, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
         return Vec::new();
     };
+    if file.seek(SeekFrom::Start(offset)).is_err() {
+        return Vec::new();
+    }
     let mut out = Vec::new();
     let reader = std::io::BufReader::with_capacity(1 << 20, file);
     for line in reader.lines() {

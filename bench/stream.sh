@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# Benchmark (DESIGN.md §10, "stream"): slotstream `run --once` into the file sink vs
+# `pg_recvlogical` reading the same changes, pgoutput proto v1, from a second slot. The server's
+# own decoding rate is the ceiling; the goal is slotstream/pg_recvlogical ≥ 0.9.
+#
+#   bench/stream.sh                 # 1M inserted rows in 10k-row transactions, plus updates
+#   ROWS=200000 bench/stream.sh
+#
+# Environment:
+#   ROWS=1000000        rows inserted
+#   TXN_ROWS=10000      rows per INSERT transaction
+#   UPDATE_ROWS=ROWS/10 rows updated afterwards (same transaction size)
+#   BATCH_EVENTS=10000  schedule.max_batch_events of the bench config (the default is 500;
+#                       a bulk deployment sets it higher: fewer fsyncs per event)
+#   FSYNC=true          destination.fsync of the file sink
+#   ROUNDS=3            times each reader reads the changes, each from a slot of its own
+#                       (alternating); the best round of each is compared, the other rounds
+#                       are printed (the machine may be shared: the spread shows the noise)
+#   WARM=1              before each slotstream round, write and delete a scratch file as large
+#                       as the events file will be (0: don't). In a VM whose memory the host
+#                       backs lazily, the first write to fresh page-cache pages costs several
+#                       times a memory copy (here: ~200 MB/s cold vs ~2 GB/s warm, measured with
+#                       dd); pg_recvlogical writes to /dev/null and never pays it
+#   KEEP=1              keep the work directory (events file, logs) and print its path
+#   SLOTSTREAM_BIN=…    a prebuilt binary instead of `cargo build --release`
+#   WRAP="perf record -g -o /tmp/stream.perf"
+#                       a profiler to run the timed `slotstream run --once` under (the figures
+#                       then include its overhead)
+#
+# Prints rows/s of each reader, the ratio, and slotstream's peak RSS. Nothing is asserted
+# (a benchmark is not a timed test): the figures are for a human to read.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+source scripts/pg-throwaway.sh
+
+ROWS="${ROWS:-1000000}"
+TXN_ROWS="${TXN_ROWS:-10000}"
+UPDATE_ROWS="${UPDATE_ROWS:-$((ROWS / 10))}"
+BATCH_EVENTS="${BATCH_EVENTS:-10000}"
+FSYNC="${FSYNC:-true}"
+ROUNDS="${ROUNDS:-3}"
+WARM="${WARM:-1}"
+
+say() { printf '== %s\n' "$*" >&2; }
+now() { date +%s.%N; }
+
+if [[ -n "${SLOTSTREAM_BIN:-}" ]]; then
+    bin="$SLOTSTREAM_BIN"
+else
+    say "cargo build --release"
+    cargo build --release --quiet
+    bin="$root/target/release/slotstream"
+fi
+
+work="$(mktemp -d /tmp/slotstream-bench-stream.XXXXXX)"
+chmod 755 "$work"
+cleanup() {
+    pgt_stop
+    if [[ -n "${KEEP:-}" ]]; then echo "work directory kept: $work" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+say "throwaway PostgreSQL (wal_level=logical)"
+pg_throwaway_start "$work/pg"
+pgt_psql -d postgres -c "CREATE DATABASE app"
+pgt_psql -d app <<'SQL'
+CREATE TABLE public.users (
+    id         bigserial PRIMARY KEY,
+    user_id    text,
+    email      text,
+    name       text,
+    plan       text,
+    age        integer,
+    balance    numeric(12,2),
+    verified   boolean,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz
+);
+SQL
+export SLOTSTREAM_PG_PASSWORD="bench-$RANDOM-$RANDOM"
+pub=slotstream_bench
+pgt_psql -d app -v schema=public -v table=users -v user=rudder \
+    -v password="$SLOTSTREAM_PG_PASSWORD" -v publication="$pub" -f sql/setup.sql >/dev/null
+
+# One pipeline (own name, slot, checkpoint and events file) and one pg_recvlogical slot per round.
+write_config() {
+    local round=$1
+    cat > "$work/slotstream-$round.toml" <<TOML
+name = "bench-$round"
+
+[source]
+host = "127.0.0.1"
+port = $PGT_PORT
+database = "app"
+user = "rudder"
+password_env = "SLOTSTREAM_PG_PASSWORD"
+sslmode = "disable"
+table = "users"
+publication = "$pub"
+
+[schedule]
+frequency = "realtime"
+max_batch_events = $BATCH_EVENTS
+
+[destination]
+type = "file"
+path = "$work/events-$round.jsonl"
+fsync = $FSYNC
+TOML
+}
+recv() {
+    local round=$1
+    shift
+    pg_recvlogical -h "$PGT_SOCK" -p "$PGT_PORT" -U postgres -d app --slot "bench_recvlogical_$round" "$@"
+}
+
+say "$ROUNDS pipelines: first run --once (full sync of the empty table, slot created); $ROUNDS pg_recvlogical slots"
+for round in $(seq 1 "$ROUNDS"); do
+    write_config "$round"
+    "$bin" run --once --config "$work/slotstream-$round.toml" 2> "$work/first-run-$round.log" \
+        || { cat "$work/first-run-$round.log" >&2; exit 1; }
+    recv "$round" --create-slot -P pgoutput
+done
+
+say "loading $ROWS rows in $TXN_ROWS-row transactions, then updating $UPDATE_ROWS"
+load_started=$(now)
+pgt_psql -d app -v rows="$ROWS" -v txn="$TXN_ROWS" -v upd="$UPDATE_ROWS" <<'SQL'
+CREATE PROCEDURE bench_load(n bigint, txn bigint, upd bigint) LANGUAGE plpgsql AS $$
+DECLARE
+    lo bigint := 1;
+BEGIN
+    WHILE lo <= n LOOP
+        INSERT INTO public.users (user_id, email, name, plan, age, balance, verified, updated_at)
+        SELECT 'u_' || i, 'user' || i || '@example.com', 'User ' || i,
+               (ARRAY['free', 'pro', 'team', 'enterprise'])[1 + i % 4], 18 + i % 60,
+               (i % 100000) / 100.0, i % 3 = 0, now()
+          FROM generate_series(lo, least(lo + txn - 1, n)) AS i;
+        COMMIT;
+        lo := lo + txn;
+    END LOOP;
+    lo := 1;
+    WHILE lo <= upd LOOP
+        UPDATE public.users SET plan = 'pro', updated_at = now()
+         WHERE id BETWEEN lo AND least(lo + txn - 1, upd);
+        COMMIT;
+        lo := lo + txn;
+    END LOOP;
+END $$;
+CALL bench_load(:rows, :txn, :upd);
+SQL
+# The insert position: with synchronous_commit=off the write position can lag the last commit.
+end_lsn="$(pgt_psql -d app -At -c 'SELECT pg_current_wal_insert_lsn()')"
+# Neither reader should wait for the WAL writer: let it flush everything first.
+until [[ "$(pgt_psql -d app -At -c "SELECT pg_current_wal_flush_lsn() >= '$end_lsn'")" == t ]]; do
+    sleep 0.1
+done
+changes=$((ROWS + UPDATE_ROWS))
+say "loaded in $(echo "$(now) - $load_started" | bc) s; end LSN $end_lsn; $changes changes"
+
+recv_times=()
+slot_times=()
+cpu_times=()
+rss_max=0
+for round in $(seq 1 "$ROUNDS"); do
+    say "round $round: pg_recvlogical --endpos $end_lsn"
+    t0=$(now)
+    recv "$round" --start --no-loop -o proto_version=1 -o publication_names="$pub" \
+        -f /dev/null --endpos "$end_lsn"
+    t1=$(now)
+    recv_times+=("$(echo "$t1 - $t0" | bc -l)")
+
+    if [[ "$WARM" == 1 ]]; then
+        # ~500 bytes per event (a users-table event is ~480).
+        dd if=/dev/zero of="$work/warm" bs=1M count=$((changes / 2000 + 1)) status=none
+        rm -f "$work/warm"
+    fi
+    say "round $round: slotstream run --once"
+    t0=$(now)
+    /usr/bin/time -f '%M %U %S' -o "$work/rss-$round" ${WRAP:-} "$bin" run --once \
+        --config "$work/slotstream-$round.toml" 2> "$work/run-$round.log" \
+        || { cat "$work/run-$round.log" >&2; exit 1; }
+    t1=$(now)
+    slot_times+=("$(echo "$t1 - $t0" | bc -l)")
+    read -r rss_kib user_secs sys_secs < <(tail -n 1 "$work/rss-$round")
+    ((rss_kib > rss_max)) && rss_max=$rss_kib
+    cpu_times+=("$user_secs+$sys_secs")
+
+    events="$(wc -l < "$work/events-$round.jsonl")"
+    if [[ "$events" -ne "$changes" ]]; then
+        echo "warning: round $round: the file sink holds $events events, expected $changes" >&2
+    fi
+    [[ -n "${KEEP:-}" ]] || rm -f "$work/events-$round.jsonl"
+done
+min() { printf '%s\n' "$@" | sort -g | head -n 1; }
+recv_secs=$(min "${recv_times[@]}")
+slot_secs=$(min "${slot_times[@]}")
+
+rate() { echo "$1 / $2" | bc -l; }
+recv_rate=$(rate "$changes" "$recv_secs")
+slot_rate=$(rate "$changes" "$slot_secs")
+printf '\nstream benchmark: %d changes (%d inserts, %d updates; %d-row transactions)\n' \
+    "$changes" "$ROWS" "$UPDATE_ROWS" "$TXN_ROWS"
+printf 'machine: %s, %s CPUs, %s\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
+    "$(nproc)" "$("$PGT_BIN/postgres" --version)"
+printf 'load average: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+printf 'slotstream config: max_batch_events=%s fsync=%s (file sink); page cache warmed: %s\n' \
+    "$BATCH_EVENTS" "$FSYNC" "$WARM"
+printf 'rounds (s): pg_recvlogical %s | slotstream %s | slotstream CPU user+sys %s\n' \
+    "${recv_times[*]}" "${slot_times[*]}" "${cpu_times[*]}"
+printf '%-16s %8.2f s  %10.0f rows/s  (best of %d)\n' "pg_recvlogical" "$recv_secs" "$recv_rate" "$ROUNDS"
+printf '%-16s %8.2f s  %10.0f rows/s  (best of %d)\n' "slotstream" "$slot_secs" "$slot_rate" "$ROUNDS"
+printf 'ratio slotstream/pg_recvlogical: %.3f  (goal >= 0.9)\n' "$(echo "$slot_rate / $recv_rate" | bc -l)"
+printf 'slotstream peak RSS: %.1f MiB\n' "$(echo "$rss_max / 1024" | bc -l)"

@@ -1,0 +1,253 @@
+//! Events as JSON text, written directly: byte for byte what `serde_json::to_writer` gives for
+//! an [`Event`] (the tests below compare the two), without serde's per-value machinery. Every
+//! sink serializes every event, and serde_json's string escaping was the largest single cost
+//! of the file sink: here a string without anything to escape, the usual case, is checked in
+//! one branch-free pass and copied in one piece.
+
+use serde_json::Value;
+
+use crate::transform::event::{Context, Library, Sources};
+use crate::transform::{Event, EventKind};
+
+/// Appends `event` as one JSON object (no newline).
+pub fn write_event(out: &mut Vec<u8>, event: &Event) {
+    // Destructured, so that a field added to `Event` fails to compile here until it is written.
+    let Event {
+        kind,
+        event: name,
+        message_id,
+        user_id,
+        anonymous_id,
+        traits,
+        properties,
+        context,
+        original_timestamp,
+        sent_at,
+    } = event;
+    let Context {
+        library: Library {
+            name: library_name,
+            version,
+        },
+        sources:
+            Sources {
+                name: source_name,
+                schema,
+                table,
+                op,
+                lsn,
+            },
+    } = context;
+    out.extend_from_slice(match kind {
+        EventKind::Identify => b"{\"type\":\"identify\"",
+        EventKind::Track => b"{\"type\":\"track\"",
+    });
+    if let Some(name) = name {
+        out.extend_from_slice(b",\"event\":");
+        write_str(out, name);
+    }
+    out.extend_from_slice(b",\"messageId\":\"");
+    let mut uuid = uuid::Uuid::encode_buffer();
+    out.extend_from_slice(message_id.hyphenated().encode_lower(&mut uuid).as_bytes());
+    out.push(b'"');
+    if let Some(user_id) = user_id {
+        out.extend_from_slice(b",\"userId\":");
+        write_str(out, user_id);
+    }
+    if let Some(anonymous_id) = anonymous_id {
+        out.extend_from_slice(b",\"anonymousId\":");
+        write_str(out, anonymous_id);
+    }
+    if let Some(traits) = traits {
+        out.extend_from_slice(b",\"traits\":");
+        write_object(out, traits.iter());
+    }
+    if let Some(properties) = properties {
+        out.extend_from_slice(b",\"properties\":");
+        write_object(out, properties.iter().map(|(k, v)| (k.as_str(), v)));
+    }
+    out.extend_from_slice(b",\"context\":{\"library\":{\"name\":");
+    write_str(out, library_name);
+    out.extend_from_slice(b",\"version\":");
+    write_str(out, version);
+    out.extend_from_slice(b"},\"sources\":{\"name\":");
+    write_str(out, source_name);
+    out.extend_from_slice(b",\"schema\":");
+    write_str(out, schema);
+    out.extend_from_slice(b",\"table\":");
+    write_str(out, table);
+    out.extend_from_slice(b",\"op\":");
+    write_str(out, op.as_str());
+    out.extend_from_slice(b",\"lsn\":");
+    write_str(out, lsn);
+    out.extend_from_slice(b"}},\"originalTimestamp\":");
+    write_str(out, original_timestamp);
+    if let Some(sent_at) = sent_at {
+        out.extend_from_slice(b",\"sentAt\":");
+        write_str(out, sent_at);
+    }
+    out.push(b'}');
+}
+
+fn write_object<'a>(out: &mut Vec<u8>, entries: impl Iterator<Item = (&'a str, &'a Value)>) {
+    out.push(b'{');
+    for (i, (key, value)) in entries.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, key);
+        out.push(b':');
+        write_value(out, value);
+    }
+    out.push(b'}');
+}
+
+fn write_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        // With `arbitrary_precision` a number is its JSON text, written as is.
+        Value::Number(n) => out.extend_from_slice(n.as_str().as_bytes()),
+        Value::String(s) => write_str(out, s),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_value(out, item);
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => write_object(out, map.iter().map(|(k, v)| (k.as_str(), v))),
+    }
+}
+
+/// Whether JSON needs `b` escaped inside a string: `"`, `\` and the control characters.
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
+/// A JSON string, escaped as serde_json escapes (short forms for `\b \t \n \f \r`, `\u00xx` for
+/// the other control characters, nothing else).
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    // No early exit, so the check compiles to a vectorized pass.
+    if !bytes.iter().fold(false, |any, &b| any | needs_escape(b)) {
+        out.extend_from_slice(bytes);
+    } else {
+        let mut start = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            if !needs_escape(b) {
+                continue;
+            }
+            out.extend_from_slice(&bytes[start..i]);
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\x08' => out.extend_from_slice(b"\\b"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\x0c' => out.extend_from_slice(b"\\f"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.extend_from_slice(b"\\u00");
+                    out.push(HEX[usize::from(b >> 4)]);
+                    out.push(HEX[usize::from(b & 0xf)]);
+                }
+            }
+            start = i + 1;
+        }
+        out.extend_from_slice(&bytes[start..]);
+    }
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Lsn;
+    use crate::config::{IdentifierColumn, IdentifierColumns, MappingConfig};
+    use crate::transform::event::{EventFactory, Stamp};
+    use crate::transform::mapping::CellRef;
+    use crate::transform::{Op, Projection};
+    use proptest::prelude::*;
+    use serde_json::{Map, json};
+
+    fn events(text: &str, extra: Value) -> Vec<Event> {
+        let mut constants = Map::new();
+        constants.insert("source\n\"pg\"".into(), extra.clone());
+        let mapping = MappingConfig {
+            columns: None,
+            constants,
+            filter: None,
+            identifiers: IdentifierColumns {
+                user_id: IdentifierColumn::Default("user_id"),
+                anonymous_id: IdentifierColumn::Default("anonymous_id"),
+                email: IdentifierColumn::Default("email"),
+            },
+            trait_keys: Default::default(),
+        };
+        let columns = [
+            ("user_id", 25),
+            ("email", 25),
+            ("odd \u{1}key\\", 25),
+            ("doc", 3802),
+        ];
+        let projection = Projection::resolve(&mapping, "t", columns).expect("resolves");
+        let factory = EventFactory::new("pipe\"line", "sch\u{e9}ma", "t\tbl");
+        let stamp = Stamp::new(Lsn::from_u64(0x16B6C50), "2024-01-02T03:04:05.123456Z");
+        let row = |absent: bool| {
+            projection.project(|i| match i {
+                0 => CellRef::Value(Value::String(format!("u_{text}"))),
+                1 if absent => CellRef::Absent,
+                1 => CellRef::Value(Value::String(text.to_owned())),
+                2 => CellRef::Null,
+                _ => CellRef::Value(extra.clone()),
+            })
+        };
+        let id = uuid::Uuid::from_u128(0x1234_5678_9abc_def0_1234_5678_9abc_def0);
+        let mut with_sent_at = factory.identify(row(false), Op::Update, &stamp, id);
+        with_sent_at.sent_at = Some(text.into());
+        vec![
+            with_sent_at,
+            factory.identify(row(true), Op::Insert, &stamp, id),
+            factory.deleted(row(false), &stamp, id),
+        ]
+    }
+
+    fn assert_same_as_serde(events: &[Event]) {
+        for e in events {
+            let mut ours = Vec::new();
+            write_event(&mut ours, e);
+            let serde = serde_json::to_vec(e).expect("serializes");
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&serde)
+            );
+        }
+    }
+
+    #[test]
+    fn writes_what_serde_json_writes() {
+        let nested = json!({
+            "a": [1, -2.5, "x\u{7f}y", null, true, false, {"b": []}, {}],
+            "escapes": "\" \\ / \u{8} \u{c} \n \r \t \u{0} \u{1f} é 😀",
+            "big": serde_json::from_str::<Value>("123456789012345678901234567890.000").expect("number"),
+        });
+        assert_same_as_serde(&events("plain", nested));
+        assert_same_as_serde(&events("", Value::Null));
+        assert_same_as_serde(&events("\"quoted\"\n\u{1}\u{1f}\\", json!("s")));
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_is_escaped_as_serde_json_escapes_it(text in "\\PC*|[\\x00-\\x7f]*") {
+            assert_same_as_serde(&events(&text, Value::String(text.clone())));
+        }
+    }
+}
