@@ -1,519 +1,35 @@
-//! The pipeline: the stages wired with a bounded channel, and the ack → checkpoint loop.
-//!
-//! ```text
-//!  reader (this task)                         deliverer (spawned task)
-//!  ─ full sync: COPY rows ─┐                  ┌─ MicroBatch ─ Sink::deliver (durable)
-//!  ─ stream: pgoutput ─────┼─ Item channel ──►┤─ checkpoint: one transaction in _rudderstack
-//!    decode, transform     │  (bounded)       └─ ack watch ──► reader: update_applied_lsn
-//! ```
-//!
-//! Invariants kept here (DESIGN.md §8):
-//! 1. The deliverer moves the checkpoint only to the end of a transaction all of whose events
-//!    the sink confirmed, and the reader reports to the slot only positions the deliverer
-//!    checkpointed: `confirmed_flush_lsn ≤ checkpoint ≤ delivered`.
-//! 2. The checkpoint only moves forward (the UPDATE takes `greatest`), at commit boundaries, or
-//!    to a keepalive's WAL end received outside a transaction with nothing pending.
-//! 3. A restart (crash, kill -9, server restart, destination outage) resumes at the checkpoint:
-//!    the whole session is rebuilt from the stored state, never from memory.
-//! 4. The channel blocks when full, so memory is bounded by its capacity plus one batch,
-//!    whatever the transaction, table or window size.
-//!
-//! One shutdown path: SIGTERM or Ctrl-C stops the reader; the deliverer drains the channel,
-//! delivers, checkpoints, and the final position is acknowledged before exit.
+//! The reading half: the full sync's COPY, then the replication stream, decoded and
+//! transformed into items for the deliverer.
 
-use std::io::IsTerminal;
-use std::sync::Arc;
-use std::time::Duration;
-
-use futures_util::StreamExt;
-use pgwire_replication::{ReplicationClient, ReplicationEvent};
-use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
-
-use crate::Lsn;
-use crate::batch::{BatchLimits, MicroBatch};
-use crate::config::{Config, SyncMode};
-use crate::decode::pgoutput::{Cell, LogicalMessage, PgoutputDecoder, TupleData};
-use crate::decode::relation::RelationCache;
-use crate::decode::value::TypeCatalog;
-use crate::error::Error;
-use crate::postgres::state::{self, CheckpointCommit, DeadLetter, FullSyncState};
-use crate::postgres::{self, PgError, catalog, quote_qualified};
-use crate::sink::{self, Sink};
-use crate::source::SourceError;
-use crate::source::snapshot::{CopyTextParser, SnapshotQuery, snapshot_row_message_id};
-use crate::source::stream;
-use crate::transform::event::{EventFactory, Stamp, pg_micros_to_rfc3339, stream_message_id};
-use crate::transform::mapping::CellRef;
-use crate::transform::{Event, Op, ProjectedRow, Projection};
-
-/// Items per message on the reader → deliverer channel: handing rows over in chunks rather than
-/// one by one saves a channel operation, and often a thread wake-up, per row.
-const CHUNK_ITEMS: usize = 256;
-/// Capacity of the reader → deliverer channel, in chunks: at most 4096 items in flight.
-const CHANNEL_CHUNKS: usize = 16;
-/// Minimum time between two checkpoints that record delivered changes.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-/// Minimum time between two checkpoints that only follow idle WAL (keepalives).
-const IDLE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
-/// Retries of a failing `run --once` before it gives up and exits non-zero: a one-shot job
-/// (cron, CI) must end and report a lasting failure (a full disk, a destination down) instead of
-/// retrying forever; a brief blip (a server restart) is still ridden out.
-const ONCE_MAX_RETRIES: u32 = 3;
-/// How often the full sync reports progress when stderr is not a terminal.
-const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(5);
-
-/// What the reader hands the deliverer, in WAL order.
-// Events are by far the most common item and travel in chunks: boxing them would add an
-// allocation per row for the rare, smaller variants' sake.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum Item {
-    /// An event to deliver (not boxed: items travel in chunks, and this is the common one).
-    Event(Event),
-    /// A row that cannot become an event.
-    DeadLetter(Box<DeadLetter>),
-    /// A transaction committed: once the events before this are delivered, `end_lsn` is durable.
-    Commit {
-        /// End of the transaction.
-        end_lsn: Lsn,
-        /// Rows of the followed table it changed.
-        rows: i64,
-    },
-    /// A keepalive outside any transaction: every commit before `wal_end` has been sent.
-    Idle(Lsn),
-    /// The full sync read its last row.
-    SnapshotDone {
-        /// The snapshot's position: the stream resumes here.
-        lsn: Lsn,
-        /// Rows read.
-        rows: i64,
-    },
-}
-
-/// The mapping hash stored with the checkpoint: a change means a full sync (as RudderStack does
-/// when column mappings change).
-pub fn mapping_hash(config: &Config) -> String {
-    let m = &config.mapping;
-    let canonical = serde_json::json!({
-        "columns": m.columns,
-        "constants": m.constants,
-        "filter": m.filter,
-        "identifiers": m.identifiers.all().iter().map(|c| c.name()).collect::<Vec<_>>(),
-        "trait_keys": m.trait_keys,
-        "sync_mode": format!("{:?}", config.sync_mode),
-    });
-    let digest = Sha256::digest(canonical.to_string().as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Turns SIGTERM / Ctrl-C into the one shutdown signal.
-fn shutdown_signal() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        #[cfg(unix)]
-        let terminate = async {
-            match term.as_mut() {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let terminate = std::future::pending::<()>();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate => {}
-        }
-        tracing::info!("shutdown requested: draining, delivering and checkpointing");
-        let _ = tx.send(true);
-    });
-    rx
-}
-
-/// `slotstream run`: streams until shutdown (or, with `once`, until caught up), reconnecting
-/// with exponential backoff and jitter on retryable failures.
-pub async fn run(config: &Config, once: bool) -> Result<(), Error> {
-    let shutdown = shutdown_signal();
-    run_with_shutdown(config, once, shutdown).await
-}
-
-/// [`run`] with a caller-provided shutdown signal (tests, embedding).
-pub async fn run_with_shutdown(
-    config: &Config,
-    once: bool,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), Error> {
-    let sink = sink::build(&config.destination)?;
-    let sink = Arc::new(tokio::sync::Mutex::new(sink));
-    let mut backoff = Duration::from_millis(500);
-    let mut once_target: Option<Lsn> = None;
-    let mut retries: u32 = 0;
-    loop {
-        let started = Instant::now();
-        match run_session(
-            config,
-            once,
-            &mut once_target,
-            shutdown.clone(),
-            sink.clone(),
-        )
-        .await
-        {
-            Ok(()) => return Ok(()),
-            Err(e)
-                if e.is_retryable()
-                    && !*shutdown.borrow()
-                    && !(once && retries >= ONCE_MAX_RETRIES) =>
-            {
-                retries += 1;
-                if started.elapsed() > Duration::from_secs(60) {
-                    backoff = Duration::from_millis(500);
-                }
-                let jitter = rand::random_range(0.5..1.5);
-                let wait = backoff.mul_f64(jitter);
-                tracing::warn!(
-                    error = %e,
-                    retry_in_ms = wait.as_millis() as u64,
-                    "pipeline failed; resuming from the checkpoint after a pause"
-                );
-                let mut sd = shutdown.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = sd.wait_for(|s| *s) => return Ok(()),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// The parts of the followed table the reader needs.
-struct TableContext {
-    table: catalog::Table,
-    factory: EventFactory,
-    types: TypeCatalog,
-}
-
-async fn connect_control(config: &Config) -> Result<tokio_postgres::Client, Error> {
-    Ok(postgres::connect(&config.source, &config.name)
-        .await?
-        .client)
-}
-
-/// One session: connect, full sync if needed, stream; ends on shutdown, on `--once` reaching
-/// its target, or with the first error.
-async fn run_session(
-    config: &Config,
-    once: bool,
-    once_target: &mut Option<Lsn>,
-    shutdown: watch::Receiver<bool>,
-    sink: Arc<tokio::sync::Mutex<Box<dyn Sink>>>,
-) -> Result<(), Error> {
-    let src = &config.source;
-    let mut control = connect_control(config).await?;
-    state::migrate(&mut control).await?;
-    let table = catalog::table(&control, &src.schema, &src.table)
-        .await?
-        .ok_or_else(|| SourceError::TableMissing {
-            table: quote_qualified(&src.schema, &src.table),
-            user: src.user.clone(),
-        })?;
-    // Refuse a table without identifier columns before touching the slot.
-    let qualified = format!("{}.{}", src.schema, src.table);
-    Projection::resolve(
-        &config.mapping,
-        &qualified,
-        table.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
-    )
-    .map_err(|e| Error::Mapping {
-        hint: e.hint(),
-        message: e.to_string(),
-    })?;
-    let mut types = TypeCatalog::builtin();
-    let oids: Vec<u32> = table.columns.iter().map(|c| c.type_oid).collect();
-    postgres::types::load_types(&control, &mut types, &oids)
-        .await
-        .map_err(|e| PgError::query("loading the table's column types", e))?;
-
-    // Read before the checkpoint row's upsert below, whose commit then lies past the target:
-    // the WAL always moves beyond the target, so the stream reaches it even on an idle server.
-    if once && once_target.is_none() {
-        *once_target = Some(stream::current_wal_lsn(&control).await?);
-    }
-    let checkpoint = state::ensure(
-        &control,
-        &config.name,
-        &src.slot,
-        &src.publication,
-        &src.schema,
-        &src.table,
-    )
-    .await?;
-    let hash = mapping_hash(config);
-    let slot = stream::slot_info(&control, &src.slot).await?;
-    let full_sync_reason = if checkpoint.full_sync_state != FullSyncState::Done {
-        Some(match checkpoint.full_sync_state {
-            FullSyncState::Running => "the previous full sync did not finish",
-            _ => "this is the pipeline's first run",
-        })
-    } else if checkpoint.resync_requested {
-        Some("`slotstream resync` was run")
-    } else if checkpoint.mapping_hash.as_deref() != Some(hash.as_str()) {
-        Some("the mapping changed since the last full sync")
-    } else {
-        None
-    };
-
-    let (tx, rx) = mpsc::channel::<Vec<Item>>(CHANNEL_CHUNKS);
-    let (ack_tx, ack_rx) = watch::channel(checkpoint.lsn);
-    let deliverer_control = connect_control(config).await?;
-    let limits = BatchLimits {
-        max_events: config.schedule.max_batch_events,
-        max_delay: config.schedule.max_batch_delay,
-        max_bytes: config.schedule.memory_limit,
-    };
-    let pipeline_name = config.name.clone();
-    let start_lsn = checkpoint.lsn;
-    let deliverer = tokio::spawn(async move {
-        let mut sink = sink.lock().await;
-        let mut d = Deliverer {
-            pipeline: pipeline_name,
-            control: deliverer_control,
-            batch: MicroBatch::new(limits),
-            durable: start_lsn,
-            idle: None,
-            checkpoint: start_lsn,
-            last_checkpoint: Instant::now(),
-            stretch: Stretch::new(start_lsn),
-            ack: ack_tx,
-        };
-        d.run(&mut **sink, rx).await
-    });
-
-    let ctx = TableContext {
-        factory: EventFactory::new(&config.name, &src.schema, &src.table),
-        table,
-        types,
-    };
-    let reader = Reader {
-        config,
-        control,
-        ctx,
-        out: Outbox::new(tx),
-        ack_rx,
-        shutdown,
-    };
-    let read_result = reader
-        .run(full_sync_reason, slot, checkpoint.lsn, &hash, *once_target)
-        .await;
-    // The reader dropped its sender: the deliverer drains, delivers, checkpoints and ends.
-    let deliver_result = match deliverer.await {
-        Ok(r) => r,
-        Err(e) => Err(Error::Internal(format!("the delivery task failed: {e}"))),
-    };
-    match (read_result, deliver_result) {
-        (Err(e), _) => Err(e),
-        (Ok(()), Err(e)) => Err(e),
-        (Ok(()), Ok(_)) => Ok(()),
-    }
-}
-
-/// Counters of the stretch of delivery since the last checkpoint (one sync-run row).
-struct Stretch {
-    kind: &'static str,
-    from: Lsn,
-    rows: i64,
-    events: i64,
-    dead_letters: Vec<DeadLetter>,
-    started_unix_micros: i64,
-}
-
-fn unix_micros_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
-impl Stretch {
-    fn new(from: Lsn) -> Self {
-        Stretch {
-            kind: "stream",
-            from,
-            rows: 0,
-            events: 0,
-            dead_letters: Vec::new(),
-            started_unix_micros: unix_micros_now(),
-        }
-    }
-}
-
-/// The delivering half: batches, the sink, the checkpoint.
-struct Deliverer {
-    pipeline: String,
-    control: tokio_postgres::Client,
-    batch: MicroBatch,
-    /// Everything before this position is delivered (not necessarily checkpointed).
-    durable: Lsn,
-    /// A keepalive position with nothing pending before it.
-    idle: Option<Lsn>,
-    /// The stored checkpoint.
-    checkpoint: Lsn,
-    last_checkpoint: Instant,
-    stretch: Stretch,
-    ack: watch::Sender<Lsn>,
-}
-
-impl Deliverer {
-    async fn run(
-        &mut self,
-        sink: &mut dyn Sink,
-        mut rx: mpsc::Receiver<Vec<Item>>,
-    ) -> Result<Lsn, Error> {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let deadline = self.batch.deadline();
-            tokio::select! {
-                chunk = rx.recv() => match chunk {
-                    Some(items) => {
-                        for item in items {
-                            self.handle(sink, item).await?;
-                        }
-                    }
-                    None => break,
-                },
-                _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
-                    self.flush(sink).await?;
-                }
-                _ = tick.tick() => self.maybe_checkpoint(false).await?,
-            }
-        }
-        self.flush(sink).await?;
-        self.maybe_checkpoint(true).await?;
-        Ok(self.checkpoint)
-    }
-
-    async fn handle(&mut self, sink: &mut dyn Sink, item: Item) -> Result<(), Error> {
-        match item {
-            Item::Event(e) => {
-                self.stretch.events += 1;
-                if self.batch.push(e) {
-                    self.flush(sink).await?;
-                }
-            }
-            Item::DeadLetter(d) => self.stretch.dead_letters.push(*d),
-            Item::Commit { end_lsn, rows } => {
-                self.stretch.rows += rows;
-                self.batch.commit(end_lsn);
-                if let Some(lsn) = self.batch.take_commit_if_empty() {
-                    self.durable = self.durable.max(lsn);
-                }
-            }
-            Item::Idle(wal_end) => {
-                if self.batch.is_empty() {
-                    self.idle = Some(self.idle.unwrap_or(wal_end).max(wal_end));
-                }
-            }
-            Item::SnapshotDone { lsn, rows } => {
-                self.flush(sink).await?;
-                self.stretch.kind = "snapshot";
-                self.stretch.from = lsn;
-                self.stretch.rows = rows;
-                state::finish_full_sync(&self.control, &self.pipeline, rows).await?;
-                self.durable = self.durable.max(lsn);
-                self.checkpoint = self.checkpoint.max(lsn);
-                self.commit_checkpoint(lsn).await?;
-                tracing::info!(rows, lsn = %lsn, "full sync delivered; streaming from its position");
-            }
-        }
-        Ok(())
-    }
-
-    async fn flush(&mut self, sink: &mut dyn Sink) -> Result<(), Error> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        sink.deliver(self.batch.events_mut()).await?;
-        if let Some(lsn) = self.batch.delivered() {
-            self.durable = self.durable.max(lsn);
-        }
-        Ok(())
-    }
-
-    async fn maybe_checkpoint(&mut self, force: bool) -> Result<(), Error> {
-        let since = self.last_checkpoint.elapsed();
-        let has_progress = self.durable > self.checkpoint || !self.stretch.dead_letters.is_empty();
-        let idle_progress = self
-            .idle
-            .is_some_and(|l| l > self.checkpoint.max(self.durable));
-        if has_progress && (force || since >= CHECKPOINT_INTERVAL) {
-            let to = self.durable.max(self.idle.unwrap_or(Lsn::ZERO));
-            self.commit_checkpoint(to).await?;
-        } else if idle_progress && (force || since >= IDLE_CHECKPOINT_INTERVAL) {
-            let to = self.idle.unwrap_or(self.durable);
-            self.commit_checkpoint(to).await?;
-        }
-        Ok(())
-    }
-
-    async fn commit_checkpoint(&mut self, to: Lsn) -> Result<(), Error> {
-        let to = to.max(self.checkpoint);
-        let commit = CheckpointCommit {
-            from: self.stretch.from,
-            to,
-            kind: self.stretch.kind,
-            rows: self.stretch.rows,
-            events: self.stretch.events,
-            dead_letters: std::mem::take(&mut self.stretch.dead_letters),
-            started_unix_micros: self.stretch.started_unix_micros,
-        };
-        let stored = state::commit_checkpoint(&mut self.control, &self.pipeline, &commit).await?;
-        if commit.events > 0 || !commit.dead_letters.is_empty() {
-            tracing::debug!(from = %commit.from, to = %stored, events = commit.events, "checkpoint");
-        }
-        self.checkpoint = stored;
-        self.durable = self.durable.max(stored);
-        self.last_checkpoint = Instant::now();
-        self.stretch = Stretch::new(stored);
-        let _ = self.ack.send(stored);
-        Ok(())
-    }
-}
+use super::progress::Progress;
+use super::*;
 
 /// The reading half: full sync, then the stream.
-struct Reader<'a> {
-    config: &'a Config,
-    control: tokio_postgres::Client,
-    ctx: TableContext,
-    out: Outbox,
-    ack_rx: watch::Receiver<Lsn>,
-    shutdown: watch::Receiver<bool>,
+pub(super) struct Reader<'a> {
+    pub(super) config: &'a Config,
+    pub(super) control: tokio_postgres::Client,
+    pub(super) ctx: TableContext,
+    pub(super) out: Outbox,
+    pub(super) ack_rx: watch::Receiver<Lsn>,
+    pub(super) shutdown: watch::Receiver<bool>,
 }
 
 /// Why the reader stopped without an error.
-enum Stop {
+pub(super) enum Stop {
     Shutdown,
     ReachedTarget,
     DelivererGone,
 }
 
 /// The reader's end of the channel: items queue here and go to the deliverer in chunks.
-struct Outbox {
-    tx: mpsc::Sender<Vec<Item>>,
+pub(super) struct Outbox {
+    pub(super) tx: mpsc::Sender<Vec<Item>>,
     /// Items not yet handed to the deliverer, in WAL order (fewer than [`CHUNK_ITEMS`]).
-    pending: Vec<Item>,
+    pub(super) pending: Vec<Item>,
 }
 
 impl Outbox {
-    fn new(tx: mpsc::Sender<Vec<Item>>) -> Self {
+    pub(super) fn new(tx: mpsc::Sender<Vec<Item>>) -> Self {
         Outbox {
             tx,
             pending: Vec::with_capacity(CHUNK_ITEMS),
@@ -521,7 +37,7 @@ impl Outbox {
     }
 
     /// Queues `item` for the deliverer; hands the queue over once it holds a full chunk.
-    async fn send(&mut self, item: Item) -> Result<(), Stop> {
+    pub(super) async fn send(&mut self, item: Item) -> Result<(), Stop> {
         self.pending.push(item);
         if self.pending.len() >= CHUNK_ITEMS {
             self.flush().await
@@ -532,13 +48,13 @@ impl Outbox {
 
     /// Queues `item` and hands the queue over now: at commits, keepalives and the end of the
     /// full sync, so a committed change never waits for later rows.
-    async fn send_now(&mut self, item: Item) -> Result<(), Stop> {
+    pub(super) async fn send_now(&mut self, item: Item) -> Result<(), Stop> {
         self.pending.push(item);
         self.flush().await
     }
 
     /// Hands the queued items to the deliverer (blocks while the channel is full).
-    async fn flush(&mut self) -> Result<(), Stop> {
+    pub(super) async fn flush(&mut self) -> Result<(), Stop> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -548,7 +64,7 @@ impl Outbox {
 }
 
 impl Reader<'_> {
-    async fn run(
+    pub(super) async fn run(
         mut self,
         full_sync_reason: Option<&'static str>,
         slot: Option<stream::SlotInfo>,
@@ -689,7 +205,7 @@ impl Reader<'_> {
     /// goes on from C on the same slot, so every commit lands on exactly one side of C.
     /// `None`: no replication slot is free for the temporary slot; the caller falls back to
     /// dropping and creating the pipeline's slot.
-    async fn full_sync_on_kept_slot(
+    pub(super) async fn full_sync_on_kept_slot(
         &mut self,
         checkpoint: Lsn,
         hash: &str,
@@ -739,7 +255,7 @@ impl Reader<'_> {
     }
 
     /// Opens the full sync's transaction on the exported snapshot `snapshot_name`.
-    async fn import_snapshot(&self, snapshot_name: &str) -> Result<(), Error> {
+    pub(super) async fn import_snapshot(&self, snapshot_name: &str) -> Result<(), Error> {
         self.control
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
@@ -752,7 +268,7 @@ impl Reader<'_> {
 
     /// The COPY of the full sync, inside a transaction that imported the exported snapshot
     /// (here when `snapshot_name` is given, else already by the caller).
-    async fn full_sync(
+    pub(super) async fn full_sync(
         &mut self,
         snapshot_name: Option<&str>,
         snapshot_lsn: Lsn,
@@ -828,7 +344,7 @@ impl Reader<'_> {
     }
 
     /// An identify event for a row, or a dead letter when it has no identifier.
-    fn row_item(
+    pub(super) fn row_item(
         &self,
         projected: ProjectedRow,
         op: Op,
@@ -860,7 +376,7 @@ impl Reader<'_> {
     /// With `stop_before`, stops (`ReachedTarget`) before the first transaction whose commit
     /// lies at or after that position, or at a keepalive past it: every commit before it has
     /// then been handed on, and none after it.
-    async fn stream(
+    pub(super) async fn stream(
         &mut self,
         session: &mut ReplicationClient,
         once_target: Option<Lsn>,
@@ -1074,7 +590,7 @@ impl Reader<'_> {
 }
 
 /// Projects a pgoutput tuple through `projection`.
-fn project_tuple(
+pub(super) fn project_tuple(
     projection: &Projection,
     tuple: &TupleData,
     rel: &crate::decode::pgoutput::RelationBody,
@@ -1092,66 +608,4 @@ fn project_tuple(
         }
         Some(Cell::Binary(_)) => CellRef::Absent,
     })
-}
-
-/// Full-sync progress: a bar on a terminal, a log line every few seconds otherwise.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    rows: u64,
-    estimate: u64,
-    started: Instant,
-    last_log: Instant,
-}
-
-impl Progress {
-    fn new(estimated_rows: i64) -> Self {
-        let estimate = u64::try_from(estimated_rows).unwrap_or(0);
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(estimate.max(1));
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "full sync {bar:40} {human_pos}/{human_len} rows  {per_sec}  ETA {eta}",
-            ) {
-                bar.set_style(style);
-            }
-            bar
-        });
-        let now = Instant::now();
-        Progress {
-            bar,
-            rows: 0,
-            estimate,
-            started: now,
-            last_log: now,
-        }
-    }
-
-    fn row(&mut self) {
-        self.rows += 1;
-        if let Some(bar) = &self.bar {
-            if self.rows.is_multiple_of(1024) {
-                if self.rows > bar.length().unwrap_or(0) {
-                    bar.set_length(self.rows);
-                }
-                bar.set_position(self.rows);
-            }
-        } else if self.rows.is_multiple_of(1024) && self.last_log.elapsed() >= PROGRESS_LOG_INTERVAL
-        {
-            self.last_log = Instant::now();
-            let secs = self.started.elapsed().as_secs_f64().max(0.001);
-            let rate = self.rows as f64 / secs;
-            let eta = if self.estimate > self.rows && rate > 0.0 {
-                format!("{:.0}s", (self.estimate - self.rows) as f64 / rate)
-            } else {
-                "unknown".into()
-            };
-            tracing::info!(rows = self.rows, estimate = self.estimate, rows_per_sec = rate as u64, eta = %eta, "full sync progress");
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.set_position(self.rows);
-            bar.finish_and_clear();
-        }
-    }
 }

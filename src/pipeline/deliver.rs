@@ -1,0 +1,166 @@
+//! The delivering half: micro-batches, the sink, and the checkpoint transaction.
+
+use super::*;
+
+/// Counters of the stretch of delivery since the last checkpoint (one sync-run row).
+pub(super) struct Stretch {
+    pub(super) kind: &'static str,
+    pub(super) from: Lsn,
+    pub(super) rows: i64,
+    pub(super) events: i64,
+    pub(super) dead_letters: Vec<DeadLetter>,
+    pub(super) started_unix_micros: i64,
+}
+
+pub(super) fn unix_micros_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+impl Stretch {
+    pub(super) fn new(from: Lsn) -> Self {
+        Stretch {
+            kind: "stream",
+            from,
+            rows: 0,
+            events: 0,
+            dead_letters: Vec::new(),
+            started_unix_micros: unix_micros_now(),
+        }
+    }
+}
+
+/// The delivering half: batches, the sink, the checkpoint.
+pub(super) struct Deliverer {
+    pub(super) pipeline: String,
+    pub(super) control: tokio_postgres::Client,
+    pub(super) batch: MicroBatch,
+    /// Everything before this position is delivered (not necessarily checkpointed).
+    pub(super) durable: Lsn,
+    /// A keepalive position with nothing pending before it.
+    pub(super) idle: Option<Lsn>,
+    /// The stored checkpoint.
+    pub(super) checkpoint: Lsn,
+    pub(super) last_checkpoint: Instant,
+    pub(super) stretch: Stretch,
+    pub(super) ack: watch::Sender<Lsn>,
+}
+
+impl Deliverer {
+    pub(super) async fn run(
+        &mut self,
+        sink: &mut dyn Sink,
+        mut rx: mpsc::Receiver<Vec<Item>>,
+    ) -> Result<Lsn, Error> {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.batch.deadline();
+            tokio::select! {
+                chunk = rx.recv() => match chunk {
+                    Some(items) => {
+                        for item in items {
+                            self.handle(sink, item).await?;
+                        }
+                    }
+                    None => break,
+                },
+                _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
+                    self.flush(sink).await?;
+                }
+                _ = tick.tick() => self.maybe_checkpoint(false).await?,
+            }
+        }
+        self.flush(sink).await?;
+        self.maybe_checkpoint(true).await?;
+        Ok(self.checkpoint)
+    }
+
+    pub(super) async fn handle(&mut self, sink: &mut dyn Sink, item: Item) -> Result<(), Error> {
+        match item {
+            Item::Event(e) => {
+                self.stretch.events += 1;
+                if self.batch.push(e) {
+                    self.flush(sink).await?;
+                }
+            }
+            Item::DeadLetter(d) => self.stretch.dead_letters.push(*d),
+            Item::Commit { end_lsn, rows } => {
+                self.stretch.rows += rows;
+                self.batch.commit(end_lsn);
+                if let Some(lsn) = self.batch.take_commit_if_empty() {
+                    self.durable = self.durable.max(lsn);
+                }
+            }
+            Item::Idle(wal_end) => {
+                if self.batch.is_empty() {
+                    self.idle = Some(self.idle.unwrap_or(wal_end).max(wal_end));
+                }
+            }
+            Item::SnapshotDone { lsn, rows } => {
+                self.flush(sink).await?;
+                self.stretch.kind = "snapshot";
+                self.stretch.from = lsn;
+                self.stretch.rows = rows;
+                state::finish_full_sync(&self.control, &self.pipeline, rows).await?;
+                self.durable = self.durable.max(lsn);
+                self.checkpoint = self.checkpoint.max(lsn);
+                self.commit_checkpoint(lsn).await?;
+                tracing::info!(rows, lsn = %lsn, "full sync delivered; streaming from its position");
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn flush(&mut self, sink: &mut dyn Sink) -> Result<(), Error> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        sink.deliver(self.batch.events_mut()).await?;
+        if let Some(lsn) = self.batch.delivered() {
+            self.durable = self.durable.max(lsn);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn maybe_checkpoint(&mut self, force: bool) -> Result<(), Error> {
+        let since = self.last_checkpoint.elapsed();
+        let has_progress = self.durable > self.checkpoint || !self.stretch.dead_letters.is_empty();
+        let idle_progress = self
+            .idle
+            .is_some_and(|l| l > self.checkpoint.max(self.durable));
+        if has_progress && (force || since >= CHECKPOINT_INTERVAL) {
+            let to = self.durable.max(self.idle.unwrap_or(Lsn::ZERO));
+            self.commit_checkpoint(to).await?;
+        } else if idle_progress && (force || since >= IDLE_CHECKPOINT_INTERVAL) {
+            let to = self.idle.unwrap_or(self.durable);
+            self.commit_checkpoint(to).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn commit_checkpoint(&mut self, to: Lsn) -> Result<(), Error> {
+        let to = to.max(self.checkpoint);
+        let commit = CheckpointCommit {
+            from: self.stretch.from,
+            to,
+            kind: self.stretch.kind,
+            rows: self.stretch.rows,
+            events: self.stretch.events,
+            dead_letters: std::mem::take(&mut self.stretch.dead_letters),
+            started_unix_micros: self.stretch.started_unix_micros,
+        };
+        let stored = state::commit_checkpoint(&mut self.control, &self.pipeline, &commit).await?;
+        if commit.events > 0 || !commit.dead_letters.is_empty() {
+            tracing::debug!(from = %commit.from, to = %stored, events = commit.events, "checkpoint");
+        }
+        self.checkpoint = stored;
+        self.durable = self.durable.max(stored);
+        self.last_checkpoint = Instant::now();
+        self.stretch = Stretch::new(stored);
+        let _ = self.ack.send(stored);
+        Ok(())
+    }
+}

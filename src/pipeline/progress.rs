@@ -1,0 +1,65 @@
+//! Full-sync progress: a bar on a terminal, a log line every few seconds otherwise.
+
+use super::*;
+
+/// Full-sync progress: a bar on a terminal, a log line every few seconds otherwise.
+pub(super) struct Progress {
+    pub(super) bar: Option<indicatif::ProgressBar>,
+    pub(super) rows: u64,
+    pub(super) estimate: u64,
+    pub(super) started: Instant,
+    pub(super) last_log: Instant,
+}
+
+impl Progress {
+    pub(super) fn new(estimated_rows: i64) -> Self {
+        let estimate = u64::try_from(estimated_rows).unwrap_or(0);
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(estimate.max(1));
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "full sync {bar:40} {human_pos}/{human_len} rows  {per_sec}  ETA {eta}",
+            ) {
+                bar.set_style(style);
+            }
+            bar
+        });
+        let now = Instant::now();
+        Progress {
+            bar,
+            rows: 0,
+            estimate,
+            started: now,
+            last_log: now,
+        }
+    }
+
+    pub(super) fn row(&mut self) {
+        self.rows += 1;
+        if let Some(bar) = &self.bar {
+            if self.rows.is_multiple_of(1024) {
+                if self.rows > bar.length().unwrap_or(0) {
+                    bar.set_length(self.rows);
+                }
+                bar.set_position(self.rows);
+            }
+        } else if self.rows.is_multiple_of(1024) && self.last_log.elapsed() >= PROGRESS_LOG_INTERVAL
+        {
+            self.last_log = Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            let rate = self.rows as f64 / secs;
+            let eta = if self.estimate > self.rows && rate > 0.0 {
+                format!("{:.0}s", (self.estimate - self.rows) as f64 / rate)
+            } else {
+                "unknown".into()
+            };
+            tracing::info!(rows = self.rows, estimate = self.estimate, rows_per_sec = rate as u64, eta = %eta, "full sync progress");
+        }
+    }
+
+    pub(super) fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.rows);
+            bar.finish_and_clear();
+        }
+    }
+}
