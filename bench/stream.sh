@@ -16,11 +16,6 @@
 #   ROUNDS=3            times each reader reads the changes, each from a slot of its own
 #                       (alternating); the best round of each is compared, the other rounds
 #                       are printed (the machine may be shared: the spread shows the noise)
-#   WARM=1              before each slotstream round, write and delete a scratch file as large
-#                       as the events file will be (0: don't). In a VM whose memory the host
-#                       backs lazily, the first write to fresh page-cache pages costs several
-#                       times a memory copy (here: ~200 MB/s cold vs ~2 GB/s warm, measured with
-#                       dd); pg_recvlogical writes to /dev/null and never pays it
 #   KEEP=1              keep the work directory (events file, logs) and print its path
 #   SLOTSTREAM_BIN=…    a prebuilt binary instead of `cargo build --release`
 #   WRAP="perf record -g -o /tmp/stream.perf"
@@ -40,7 +35,6 @@ UPDATE_ROWS="${UPDATE_ROWS:-$((ROWS / 10))}"
 BATCH_EVENTS="${BATCH_EVENTS:-10000}"
 FSYNC="${FSYNC:-true}"
 ROUNDS="${ROUNDS:-3}"
-WARM="${WARM:-1}"
 
 say() { printf '== %s\n' "$*" >&2; }
 now() { date +%s.%N; }
@@ -161,6 +155,7 @@ say "loaded in $(echo "$(now) - $load_started" | bc) s; end LSN $end_lsn; $chang
 recv_times=()
 slot_times=()
 cpu_times=()
+round_ratios=()
 rss_max=0
 for round in $(seq 1 "$ROUNDS"); do
     say "round $round: pg_recvlogical --endpos $end_lsn"
@@ -170,11 +165,6 @@ for round in $(seq 1 "$ROUNDS"); do
     t1=$(now)
     recv_times+=("$(echo "$t1 - $t0" | bc -l)")
 
-    if [[ "$WARM" == 1 ]]; then
-        # ~500 bytes per event (a users-table event is ~480).
-        dd if=/dev/zero of="$work/warm" bs=1M count=$((changes / 2000 + 1)) status=none
-        rm -f "$work/warm"
-    fi
     say "round $round: slotstream run --once"
     t0=$(now)
     /usr/bin/time -f '%M %U %S' -o "$work/rss-$round" ${WRAP:-} "$bin" run --once \
@@ -182,6 +172,7 @@ for round in $(seq 1 "$ROUNDS"); do
         || { cat "$work/run-$round.log" >&2; exit 1; }
     t1=$(now)
     slot_times+=("$(echo "$t1 - $t0" | bc -l)")
+    round_ratios+=("$(echo "${recv_times[-1]} / ${slot_times[-1]}" | bc -l)")
     read -r rss_kib user_secs sys_secs < <(tail -n 1 "$work/rss-$round")
     ((rss_kib > rss_max)) && rss_max=$rss_kib
     cpu_times+=("$user_secs+$sys_secs")
@@ -193,6 +184,7 @@ for round in $(seq 1 "$ROUNDS"); do
     [[ -n "${KEEP:-}" ]] || rm -f "$work/events-$round.jsonl"
 done
 min() { printf '%s\n' "$@" | sort -g | head -n 1; }
+median() { printf '%s\n' "$@" | sort -g | sed -n "$((($# + 1) / 2))p"; }
 recv_secs=$(min "${recv_times[@]}")
 slot_secs=$(min "${slot_times[@]}")
 
@@ -204,11 +196,11 @@ printf '\nstream benchmark: %d changes (%d inserts, %d updates; %d-row transacti
 printf 'machine: %s, %s CPUs, %s\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
     "$(nproc)" "$("$PGT_BIN/postgres" --version)"
 printf 'load average: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
-printf 'slotstream config: max_batch_events=%s fsync=%s (file sink); page cache warmed: %s\n' \
-    "$BATCH_EVENTS" "$FSYNC" "$WARM"
+printf 'slotstream config: max_batch_events=%s fsync=%s (file sink)\n' "$BATCH_EVENTS" "$FSYNC"
 printf 'rounds (s): pg_recvlogical %s | slotstream %s | slotstream CPU user+sys %s\n' \
     "${recv_times[*]}" "${slot_times[*]}" "${cpu_times[*]}"
 printf '%-16s %8.2f s  %10.0f rows/s  (best of %d)\n' "pg_recvlogical" "$recv_secs" "$recv_rate" "$ROUNDS"
 printf '%-16s %8.2f s  %10.0f rows/s  (best of %d)\n' "slotstream" "$slot_secs" "$slot_rate" "$ROUNDS"
-printf 'ratio slotstream/pg_recvlogical: %.3f  (goal >= 0.9)\n' "$(echo "$slot_rate / $recv_rate" | bc -l)"
+printf 'ratio slotstream/pg_recvlogical: %.3f best/best, %.3f median of the rounds  (goal >= 0.9)\n' \
+    "$(echo "$slot_rate / $recv_rate" | bc -l)" "$(median "${round_ratios[@]}")"
 printf 'slotstream peak RSS: %.1f MiB\n' "$(echo "$rss_max / 1024" | bc -l)"
