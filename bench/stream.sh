@@ -13,17 +13,23 @@
 #   BATCH_EVENTS=10000  schedule.max_batch_events of the bench config (the default is 500;
 #                       a bulk deployment sets it higher: fewer fsyncs per event)
 #   FSYNC=true          destination.fsync of the file sink
-#   ROUNDS=3            times each reader reads the changes, each from a slot of its own
-#                       (alternating); the best round of each is compared, the other rounds
-#                       are printed (the machine may be shared: the spread shows the noise)
+#   TRANSPORT=tcp       how both readers reach the server, as the same role (rudder): tcp
+#                       (127.0.0.1, SCRAM) or unix (the socket directory). It matters: over
+#                       loopback TCP the walsender spends much more CPU feeding pg_recvlogical
+#                       than over the socket (the CPU line below shows it), so compare both
+#   ROUNDS=3            times each reader reads the changes, each from a slot of its own,
+#                       alternating; printed: every round, the ratio of the best rounds, and
+#                       the median of the per-round ratios (on a shared machine the spread
+#                       shows the noise; the median of adjacent pairs is the steadier figure)
 #   KEEP=1              keep the work directory (events file, logs) and print its path
 #   SLOTSTREAM_BIN=…    a prebuilt binary instead of `cargo build --release`
 #   WRAP="perf record -g -o /tmp/stream.perf"
 #                       a profiler to run the timed `slotstream run --once` under (the figures
 #                       then include its overhead)
 #
-# Prints rows/s of each reader, the ratio, and slotstream's peak RSS. Nothing is asserted
-# (a benchmark is not a timed test): the figures are for a human to read.
+# Prints rows/s of each reader, the ratio, slotstream's CPU time and peak RSS, and the CPU the
+# server's backends (mostly the walsender) used while each reader read. Nothing is asserted (a
+# benchmark is not a timed test): the figures are for a human to read.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -35,6 +41,7 @@ UPDATE_ROWS="${UPDATE_ROWS:-$((ROWS / 10))}"
 BATCH_EVENTS="${BATCH_EVENTS:-10000}"
 FSYNC="${FSYNC:-true}"
 ROUNDS="${ROUNDS:-3}"
+TRANSPORT="${TRANSPORT:-tcp}"
 
 say() { printf '== %s\n' "$*" >&2; }
 now() { date +%s.%N; }
@@ -77,6 +84,11 @@ pub=slotstream_bench
 pgt_psql -d app -v schema=public -v table=users -v user=rudder \
     -v password="$SLOTSTREAM_PG_PASSWORD" -v publication="$pub" -f sql/setup.sql >/dev/null
 
+case "$TRANSPORT" in
+    tcp) pg_host=127.0.0.1 ;;
+    unix) pg_host="$PGT_SOCK" ;;
+    *) echo "TRANSPORT must be tcp or unix" >&2; exit 2 ;;
+esac
 # One pipeline (own name, slot, checkpoint and events file) and one pg_recvlogical slot per round.
 write_config() {
     local round=$1
@@ -84,7 +96,7 @@ write_config() {
 name = "bench-$round"
 
 [source]
-host = "127.0.0.1"
+host = "$pg_host"
 port = $PGT_PORT
 database = "app"
 user = "rudder"
@@ -106,7 +118,8 @@ TOML
 recv() {
     local round=$1
     shift
-    pg_recvlogical -h "$PGT_SOCK" -p "$PGT_PORT" -U postgres -d app --slot "bench_recvlogical_$round" "$@"
+    PGPASSWORD="$SLOTSTREAM_PG_PASSWORD" pg_recvlogical -h "$pg_host" -p "$PGT_PORT" -U rudder -d app \
+        --slot "bench_recvlogical_$round" "$@"
 }
 
 say "$ROUNDS pipelines: first run --once (full sync of the empty table, slot created); $ROUNDS pg_recvlogical slots"
@@ -152,6 +165,15 @@ done
 changes=$((ROWS + UPDATE_ROWS))
 say "loaded in $(echo "$(now) - $load_started" | bc) s; end LSN $end_lsn; $changes changes"
 
+# CPU seconds of the server's exited backends (the walsender of a finished reader among them).
+server_cpu() {
+    local pid ticks
+    pid="$(head -n 1 "$PGT_DIR/data/postmaster.pid")"
+    ticks="$(awk '{print $16 + $17}' "/proc/$pid/stat")"
+    echo "$ticks / $(getconf CLK_TCK)" | bc -l
+}
+recv_server=()
+slot_server=()
 recv_times=()
 slot_times=()
 cpu_times=()
@@ -159,19 +181,25 @@ round_ratios=()
 rss_max=0
 for round in $(seq 1 "$ROUNDS"); do
     say "round $round: pg_recvlogical --endpos $end_lsn"
+    c0=$(server_cpu)
     t0=$(now)
     recv "$round" --start --no-loop -o proto_version=1 -o publication_names="$pub" \
         -f /dev/null --endpos "$end_lsn"
     t1=$(now)
     recv_times+=("$(echo "$t1 - $t0" | bc -l)")
+    sleep 0.2 # the walsender has exited and been reaped
+    recv_server+=("$(printf '%.2f' "$(echo "$(server_cpu) - $c0" | bc -l)")")
 
     say "round $round: slotstream run --once"
+    c0=$(server_cpu)
     t0=$(now)
     /usr/bin/time -f '%M %U %S' -o "$work/rss-$round" ${WRAP:-} "$bin" run --once \
         --config "$work/slotstream-$round.toml" 2> "$work/run-$round.log" \
         || { cat "$work/run-$round.log" >&2; exit 1; }
     t1=$(now)
     slot_times+=("$(echo "$t1 - $t0" | bc -l)")
+    sleep 0.2
+    slot_server+=("$(printf '%.2f' "$(echo "$(server_cpu) - $c0" | bc -l)")")
     round_ratios+=("$(echo "${recv_times[-1]} / ${slot_times[-1]}" | bc -l)")
     read -r rss_kib user_secs sys_secs < <(tail -n 1 "$work/rss-$round")
     ((rss_kib > rss_max)) && rss_max=$rss_kib
@@ -196,9 +224,11 @@ printf '\nstream benchmark: %d changes (%d inserts, %d updates; %d-row transacti
 printf 'machine: %s, %s CPUs, %s\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
     "$(nproc)" "$("$PGT_BIN/postgres" --version)"
 printf 'load average: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
-printf 'slotstream config: max_batch_events=%s fsync=%s (file sink)\n' "$BATCH_EVENTS" "$FSYNC"
-printf 'rounds (s): pg_recvlogical %s | slotstream %s | slotstream CPU user+sys %s\n' \
-    "${recv_times[*]}" "${slot_times[*]}" "${cpu_times[*]}"
+printf 'slotstream config: max_batch_events=%s fsync=%s (file sink); both readers over %s\n' \
+    "$BATCH_EVENTS" "$FSYNC" "$TRANSPORT"
+printf 'rounds (s): pg_recvlogical %s | slotstream %s\n' "${recv_times[*]}" "${slot_times[*]}"
+printf 'CPU (s) per round: slotstream user+sys %s | server backends while pg_recvlogical read %s, while slotstream read %s\n' \
+    "${cpu_times[*]}" "${recv_server[*]}" "${slot_server[*]}"
 printf '%-16s %8.2f s  %10.0f rows/s  (best of %d)\n' "pg_recvlogical" "$recv_secs" "$recv_rate" "$ROUNDS"
 printf '%-16s %8.2f s  %10.0f rows/s  (best of %d)\n' "slotstream" "$slot_secs" "$slot_rate" "$ROUNDS"
 printf 'ratio slotstream/pg_recvlogical: %.3f best/best, %.3f median of the rounds  (goal >= 0.9)\n' \
