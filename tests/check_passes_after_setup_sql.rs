@@ -1,7 +1,7 @@
 //! The setup test: after `sql/setup.sql`, `slotstream check` run as the role it created (with a
 //! password, over TCP, with only the rights setup.sql grants) passes every check.
 
-mod support;
+use crate::support;
 
 use support::{TestDb, apply_setup_sql, run_check};
 

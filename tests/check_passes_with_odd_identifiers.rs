@@ -2,7 +2,7 @@
 //! `select`, column `E-mail ✉`, a role and a publication named alike — go through
 //! sql/setup.sql and `check` passes, printing every name correctly quoted.
 
-mod support;
+use crate::support;
 
 fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()

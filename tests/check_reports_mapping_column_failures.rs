@@ -2,7 +2,7 @@
 //! identifier column that does not exist, a selected column that does not exist. Each names
 //! what is missing and lists the columns the table does have.
 
-mod support;
+use crate::support;
 
 use support::CheckOutput;
 

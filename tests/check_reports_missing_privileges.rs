@@ -1,7 +1,7 @@
 //! A right missing from what sql/setup.sql grants is one failed check, with the GRANT/ALTER
 //! that restores it printed under it; running exactly that SQL makes `check` pass again.
 
-mod support;
+use crate::support;
 
 use support::{CheckOutput, TestDb};
 

@@ -2,7 +2,7 @@
 //! from the config, without the actions the sync mode needs, or with other tables (a warning).
 //! Where a fix is SQL, running exactly the printed SQL makes `check` pass.
 
-mod support;
+use crate::support;
 
 use support::{CheckOutput, TestDb};
 

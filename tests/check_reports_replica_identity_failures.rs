@@ -2,7 +2,7 @@
 //! reject updates of a published table; mirror mode needs the identifier columns in it; a row
 //! filter needs its columns in it. TOASTable selected columns get a warning, not a failure.
 
-mod support;
+use crate::support;
 
 use support::{CheckOutput, TestDb};
 

@@ -2,7 +2,7 @@
 //! by another slot) fails, while the pipeline's own existing slot counts as available; an
 //! existing slot must be a pgoutput logical slot of this database that nobody is using.
 
-mod support;
+use crate::support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

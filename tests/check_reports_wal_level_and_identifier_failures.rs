@@ -2,7 +2,7 @@
 //! identifier column, `check` prints exactly two failures, each with its fix (the ALTER SYSTEM
 //! line; the table's columns), and exits 3.
 
-mod support;
+use crate::support;
 
 #[tokio::test]
 async fn check_reports_wal_level_and_identifier_failures() {

@@ -2,7 +2,7 @@
 //! config but not offered by the server), `check` prints that one failure with its fix, stops,
 //! and exits 3 — not 1, and without a Rust error chain.
 
-mod support;
+use crate::support;
 
 use std::net::TcpListener;
 

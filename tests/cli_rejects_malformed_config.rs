@@ -1,7 +1,7 @@
 //! A malformed config file stops `check` before it connects: exit code 2 and one message that
 //! names the key at fault. No cluster is needed.
 
-mod support;
+use crate::support;
 
 const VALID: &str = r#"name = "malformed"
 

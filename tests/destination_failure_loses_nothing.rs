@@ -4,9 +4,8 @@
 //! checkpoint nor the slot. Pointing the config at a good file and running again delivers
 //! every row: the failed full sync is redone, the failed stream resumes at the checkpoint.
 
-#[path = "support/faults.rs"]
-mod faults;
-mod support;
+use crate::support;
+use crate::support::faults;
 
 use std::collections::BTreeSet;
 use std::path::Path;

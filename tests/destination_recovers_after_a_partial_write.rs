@@ -5,9 +5,8 @@
 //! readable line: a retry appended right after partial bytes would glue them to the first
 //! resent event and make it unreadable — lost for a consumer although checkpointed.
 
-#[path = "support/faults.rs"]
-mod faults;
-mod support;
+use crate::support;
+use crate::support::faults;
 
 use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;

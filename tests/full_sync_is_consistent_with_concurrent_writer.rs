@@ -7,7 +7,7 @@
 //!
 //! The table has `FULL_SYNC_ROWS` rows (default 1,000,000) loaded with `generate_series`.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -6,7 +6,7 @@
 //! test reads slowly, so the sink, and through the bounded channel the COPY, go at the test's
 //! pace until two progress lines have appeared; then the test reads at full speed.
 
-mod support;
+use crate::support;
 
 use std::io::Read;
 use std::sync::Arc;

@@ -14,7 +14,7 @@
 //!
 //! The table has `FULL_SYNC_ROWS` rows (default 1,000,000).
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 //! on after it; only deletes made since the last checkpoint go without a `Record Deleted`
 //! event (the warning says so).
 
-mod support;
+use crate::support;
 
 use support::{EventOp, cluster_with, read_light_events, summarize_events, users_fixture_in};
 

@@ -4,7 +4,7 @@
 //! full syncs: in mirror mode a row deleted before the full sync still gets its `Record Deleted`
 //! event, so the state rebuilt from all events equals the table after every run.
 
-mod support;
+use crate::support;
 
 use support::{
     EventOp, Fixture, LightEvent, assert_same_state, fold_events, read_light_events,

@@ -2,9 +2,8 @@
 //! exits: on an already-synced pipeline with no new changes it exits 0 promptly and sends
 //! nothing; with new changes it sends exactly those (none of the earlier ones again) and exits.
 
-#[path = "support/faults.rs"]
-mod faults;
-mod support;
+use crate::support;
+use crate::support::faults;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! columns named under `[mapping.identifiers]`): exit 3, a message that names the table and
 //! lists the columns it has, a hint, and nothing touched — no slot, no events.
 
-mod support;
+use crate::support;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_exits_3_listing_the_columns() {

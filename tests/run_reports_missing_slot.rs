@@ -4,7 +4,7 @@
 //! `run --once` recovers with a full sync that carries every row, including those written
 //! while the slot was missing.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 

@@ -7,9 +7,8 @@
 //! i.e. once slotstream has it on its socket; a SIGTERM stops reading only after what is
 //! already received has been handed on.
 
-#[path = "support/faults.rs"]
-mod faults;
-mod support;
+use crate::support;
+use crate::support::faults;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

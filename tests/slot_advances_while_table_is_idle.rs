@@ -3,9 +3,8 @@
 //! `confirmed_flush_lsn` follows (DESIGN.md §8 invariant 2). Idle checkpoints are taken at most
 //! every 10 s, hence the generous wait.
 
-#[path = "support/faults.rs"]
-mod faults;
-mod support;
+use crate::support;
+use crate::support::faults;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

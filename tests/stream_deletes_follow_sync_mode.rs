@@ -6,7 +6,7 @@
 //! key that is not an identifier) the delete cannot be attributed to a user and goes to
 //! `_rudderstack.cdc_dead_letters` with a reason that says how to fix it.
 
-mod support;
+use crate::support;
 
 use serde_json::{Value, json};
 use support::{Fixture, users_fixture};

@@ -3,7 +3,7 @@
 //! and its traits intact. (Bounded memory for such a transaction is measured by the memory
 //! benchmark; here the point is correctness across many micro-batches of one transaction.)
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::io::BufRead;

@@ -7,7 +7,7 @@
 //! checkpoint rewound to the position before the changes) yields byte-for-byte the same events,
 //! messageIds included.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::time::Duration;

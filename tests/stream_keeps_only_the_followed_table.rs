@@ -6,7 +6,7 @@
 //! their start. Every `users` row arrives once, in commit order, each transaction with its own
 //! commit LSN, and nothing from the other tables.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 

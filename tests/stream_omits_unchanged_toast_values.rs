@@ -7,7 +7,7 @@
 //! the old row it sends alongside carries the value in full. An unchanged value is the old
 //! value, so the update's traits then carry it: the destination gets the complete row.
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use support::{Fixture, users_fixture};

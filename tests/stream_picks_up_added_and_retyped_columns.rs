@@ -5,7 +5,7 @@
 //! the new type from then on (numbers, not strings). No full sync is triggered: the mapping
 //! did not change.
 
-mod support;
+use crate::support;
 
 use serde_json::{Value, json};
 use support::users_fixture;

@@ -4,7 +4,7 @@
 //! parts may differ (`context.sources.lsn`, `originalTimestamp`, `sentAt`). Rows outside the
 //! row filter (including a NULL plan, for which the filter is NULL) are in neither, and the row without an identifier is counted, not shown.
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use support::users_fixture;

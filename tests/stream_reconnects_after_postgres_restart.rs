@@ -4,9 +4,8 @@
 //!
 //! Alone in its file: `cluster().restart()` restarts this test binary's shared cluster.
 
-#[path = "support/faults.rs"]
-mod faults;
-mod support;
+use crate::support;
+use crate::support::faults;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

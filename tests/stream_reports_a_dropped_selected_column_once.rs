@@ -2,7 +2,7 @@
 //! is reported once in the log (a warning naming the column) — not again when later schema
 //! changes re-announce the table — and the other selected columns keep flowing as traits.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

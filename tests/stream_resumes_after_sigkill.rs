@@ -8,9 +8,8 @@
 //! transactions in pieces, so a kill often lands between two batches of one transaction.
 //! The kill points come from a seed (printed; set `SLOTSTREAM_TEST_SEED` to replay one).
 
-#[path = "support/faults.rs"]
-mod faults;
-mod support;
+use crate::support;
+use crate::support::faults;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

@@ -5,7 +5,7 @@
 //! (mirror mode: a `Record Deleted` event; upsert mode: nothing), and an UPDATE that moves a
 //! row into it as an INSERT of the new row.
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use support::{Fixture, users_fixture};

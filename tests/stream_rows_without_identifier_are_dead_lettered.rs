@@ -4,7 +4,7 @@
 //! and the traits it would have carried, counted in the sync run, and the identified rows around
 //! it keep flowing.
 
-mod support;
+use crate::support;
 
 use serde_json::{Value, json};
 use support::users_fixture;

@@ -3,7 +3,7 @@
 //! truncate are delivered, and the checkpoint moves past it. Truncating another table together
 //! with it changes nothing.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! The same holds for the full sync's rows (COPY text). The complete type matrix is tested
 //! against `decode::value` directly; this is the compact end-to-end differential check.
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use support::users_fixture;

@@ -4,7 +4,7 @@
 //! hstore — is read back in its text output form (what pgoutput and COPY send) and as
 //! `to_jsonb(col)`, and the mapped text must equal the server's JSON, key order included.
 
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use slotstream::decode::value::TypeCatalog;

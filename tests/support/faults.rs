@@ -1,12 +1,5 @@
 //! Helpers of the durability and fault tests (processes, positions, the events file, the
-//! destination path). Included by those tests next to `support`:
-//!
-//! ```ignore
-//! mod support;
-//! #[path = "support/faults.rs"]
-//! mod faults;
-//! ```
-#![allow(dead_code)]
+//! destination path). Used as `crate::support::faults`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

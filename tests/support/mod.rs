@@ -10,6 +10,8 @@
 //! its directory as soon as the test process is gone, however it ended.
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -282,6 +284,42 @@ async fn connect_as_superuser(cluster: &Cluster, db: &str) -> tokio_postgres::Cl
         let _ = conn.await;
     });
     client
+}
+
+/// Drops the database and its replication slots when the test ends (pass or fail): the suite
+/// shares one cluster, so slots left behind would pin WAL and use up `max_replication_slots`.
+/// Best effort: backends still connected (a slotstream child of a failed test) are terminated
+/// first, and a cluster that is already gone is ignored.
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = &self.name;
+        let terminate = format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        );
+        let wait_released = format!(
+            "DO $$ BEGIN
+               FOR i IN 1..100 LOOP
+                 EXIT WHEN NOT EXISTS (SELECT FROM pg_replication_slots
+                                        WHERE database = '{name}' AND active);
+                 PERFORM pg_sleep(0.05);
+               END LOOP;
+             END $$"
+        );
+        let drop_slots = format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE database = '{name}' AND NOT active"
+        );
+        let drop_db = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        let _ = self
+            .cluster
+            .psql("postgres")
+            .args(["-c", &terminate, "-c", &wait_released, "-c", &drop_slots])
+            .args(["-c", &drop_db])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 impl TestDb {

@@ -1,0 +1,44 @@
+//! The integration suite: one test binary (one build of the support code, one shared
+//! throwaway PostgreSQL cluster), one module per scenario, each named after the behaviour it
+//! proves. See `support` for the harness.
+
+mod support;
+
+mod check_passes_after_setup_sql;
+mod check_passes_with_odd_identifiers;
+mod check_reports_mapping_column_failures;
+mod check_reports_missing_privileges;
+mod check_reports_publication_failures;
+mod check_reports_replica_identity_failures;
+mod check_reports_replication_slot_problems;
+mod check_reports_wal_level_and_identifier_failures;
+mod check_stops_at_connection_failures;
+mod cli_rejects_malformed_config;
+mod destination_failure_loses_nothing;
+mod destination_recovers_after_a_partial_write;
+mod full_sync_is_consistent_with_concurrent_writer;
+mod full_sync_reports_progress;
+mod full_sync_restarts_cleanly_after_sigkill;
+mod full_sync_without_a_free_slot_recreates_the_slot;
+mod mapping_change_triggers_one_full_sync;
+mod pgoutput_decoder_never_panics;
+mod run_once_catches_up_and_exits;
+mod run_refuses_table_without_identifier;
+mod run_reports_missing_slot;
+mod sigterm_drains_and_checkpoints;
+mod slot_advances_while_table_is_idle;
+mod stream_deletes_follow_sync_mode;
+mod stream_delivers_a_200k_row_transaction_once_in_order;
+mod stream_inserts_and_updates_become_identify_events;
+mod stream_keeps_only_the_followed_table;
+mod stream_omits_unchanged_toast_values;
+mod stream_picks_up_added_and_retyped_columns;
+mod stream_preview_matches_full_sync_events;
+mod stream_reconnects_after_postgres_restart;
+mod stream_reports_a_dropped_selected_column_once;
+mod stream_resumes_after_sigkill;
+mod stream_row_filter_turns_leaving_rows_into_deletes;
+mod stream_rows_without_identifier_are_dead_lettered;
+mod stream_truncate_produces_no_events;
+mod stream_values_match_to_jsonb;
+mod value_matches_to_jsonb;
