@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark (DESIGN.md §10, "full sync"): slotstream's full sync (`run --once` of a new pipeline:
+# Benchmark (docs/architecture.md §11, "full sync"): slotstream's full sync (`run --once` of a new pipeline:
 # slot with an exported snapshot, COPY, events into the file sink, checkpoint) vs
 # `psql -c "\copy (select <same columns> from users) to '/dev/null'"` on the same table, as the
 # same role over the same TCP connection settings. The goal is slotstream/psql >= 0.8. Also

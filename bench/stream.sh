@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark (DESIGN.md §10, "stream"): slotstream `run --once` into the file sink vs
+# Benchmark (docs/architecture.md §11, "stream"): slotstream `run --once` into the file sink vs
 # `pg_recvlogical` reading the same changes, pgoutput proto v1, from a second slot. The server's
 # own decoding rate is the ceiling; the goal is slotstream/pg_recvlogical ≥ 0.9.
 #

@@ -1,4 +1,4 @@
-//! The command line (DESIGN.md §3). Parsing only: each command's work lives in its stage's
+//! The command line (docs/architecture.md §3). Parsing only: each command's work lives in its stage's
 //! module, and `main.rs` maps errors to exit codes.
 
 use std::path::PathBuf;

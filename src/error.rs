@@ -5,7 +5,7 @@
 //!   a network blip, a destination outage), or will it fail the same way until an operator acts
 //!   (bad config, missing grant, dropped slot)?
 //! - [`Error::hint`]: the one sentence telling the operator what to do.
-//! - [`Error::exit_code`]: the process exit code of DESIGN.md §3 (1 runtime, 2 config, 3 preflight).
+//! - [`Error::exit_code`]: the process exit code of docs/architecture.md §3 (1 runtime, 2 config, 3 preflight).
 
 use crate::config::ConfigError;
 use crate::decode::DecodeError;
@@ -13,7 +13,7 @@ use crate::postgres::PgError;
 use crate::sink::SinkError;
 use crate::source::SourceError;
 
-/// Process exit codes (DESIGN.md §3).
+/// Process exit codes (docs/architecture.md §3).
 pub mod exit {
     /// Success.
     pub const OK: i32 = 0;

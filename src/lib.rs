@@ -25,7 +25,7 @@
 //! (the replication plane), `tokio-postgres` does catalog queries, COPY and the state tables
 //! (the control plane).
 //!
-//! The invariants every stage keeps are listed in `DESIGN.md` §8; the one that matters most:
+//! The invariants every stage keeps are listed in `docs/architecture.md` §8; the one that matters most:
 //! nothing is acknowledged to the slot before the destination confirmed it and the checkpoint
 //! row in `_rudderstack` recorded it.
 

@@ -1,5 +1,5 @@
 //! The `slotstream` binary: parse the command line, load the config, run the command, and turn
-//! any error into one clear sentence, a hint and an exit code (DESIGN.md §3).
+//! any error into one clear sentence, a hint and an exit code (docs/architecture.md §3).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

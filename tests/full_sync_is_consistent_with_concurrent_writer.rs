@@ -1,5 +1,5 @@
 //! The full sync is consistent with a writer that inserts, updates and deletes for its whole
-//! duration (DESIGN.md §8 invariant 4): the snapshot holds exactly the rows committed before the
+//! duration (docs/architecture.md §8 invariant 4): the snapshot holds exactly the rows committed before the
 //! slot's consistent point, the stream exactly the commits after it, so the state rebuilt from
 //! the events (last event per `userId`, `Record Deleted` removes it; mirror mode) equals the
 //! table row for row, every value as `to_jsonb` gives it. No row missing, none extra, no stale

@@ -16,6 +16,7 @@ mod check_stops_at_connection_failures;
 mod cli_rejects_malformed_config;
 mod destination_failure_loses_nothing;
 mod destination_recovers_after_a_partial_write;
+mod followed_table_identity_is_kept;
 mod full_sync_is_consistent_with_concurrent_writer;
 mod full_sync_reports_progress;
 mod full_sync_restarts_cleanly_after_sigkill;

@@ -1,6 +1,6 @@
 //! An idle followed table must not pin WAL: while another table (not in the publication)
 //! churns, keepalives received with nothing pending move the checkpoint, and the slot's
-//! `confirmed_flush_lsn` follows (DESIGN.md §8 invariant 2). Idle checkpoints are taken at most
+//! `confirmed_flush_lsn` follows (docs/architecture.md §8 invariant 2). Idle checkpoints are taken at most
 //! every 10 s, hence the generous wait.
 
 use crate::support;

@@ -1,4 +1,4 @@
-//! Deletes follow `sync.mode` (DESIGN.md §5): in `upsert` mode a streamed DELETE produces
+//! Deletes follow `sync.mode` (docs/architecture.md §5): in `upsert` mode a streamed DELETE produces
 //! nothing (no event, no dead letter) and the stream goes on; in `mirror` mode it becomes a
 //! `track` event named `Record Deleted` whose properties are the deleted row's identifiers —
 //! which the old row carries only when the replica identity holds them: with

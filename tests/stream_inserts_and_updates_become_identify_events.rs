@@ -1,4 +1,4 @@
-//! Inserts and updates committed after the full sync become `identify` events (DESIGN.md §5):
+//! Inserts and updates committed after the full sync become `identify` events (docs/architecture.md §5):
 //! userId / anonymousId from the identifier columns (an email-only row gets the anonymousId
 //! derived from the normalised email), traits under the `[mapping.trait_keys]` names plus the
 //! constants, `context.sources.op` insert / update, `context.sources.lsn` the LSN of the

@@ -1,4 +1,4 @@
-//! `slotstream preview` prints the events the full sync then sends (DESIGN.md §3, "the exact
+//! `slotstream preview` prints the events the full sync then sends (docs/architecture.md §3, "the exact
 //! events that would be sent"): for every row, the same messageId, type, userId, anonymousId,
 //! traits (trait keys, constants, value types) and source names. Only the position-dependent
 //! parts may differ (`context.sources.lsn`, `originalTimestamp`, `sentAt`). Rows outside the

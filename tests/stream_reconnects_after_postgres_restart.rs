@@ -2,7 +2,8 @@
 //! connections break, slotstream reconnects with backoff and resumes at the checkpoint, and the
 //! changes written after the restart arrive; nothing written before it is lost.
 //!
-//! Alone in its file: `cluster().restart()` restarts this test binary's shared cluster.
+//! On a cluster of its own: restarting the suite's shared cluster would break the other tests'
+//! connections.
 
 use crate::support;
 use crate::support::faults;
@@ -32,7 +33,8 @@ fn expected(range: std::ops::RangeInclusive<usize>) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_written_after_a_server_restart_arrive() {
-    let fx = support::users_fixture(support::USERS_TABLE, "", None).await;
+    let cluster = support::cluster_with(&[]);
+    let fx = support::users_fixture_in(&cluster, support::USERS_TABLE, "", None).await;
     let mut child = faults::Running(fx.spawn_run());
     support::wait_until(Duration::from_secs(30), "the full sync", || async {
         fx.full_sync_state().await.as_deref() == Some("done")
@@ -53,7 +55,7 @@ async fn events_written_after_a_server_restart_arrive() {
         .await
         .unwrap();
     drop(c);
-    support::cluster().restart();
+    cluster.restart();
 
     let c = fx.db.connect().await;
     for i in BEFORE + 1..=BEFORE + AFTER {

@@ -1,7 +1,7 @@
 //! kill -9 at arbitrary points while a writer commits numbered transactions: after every kill
 //! the durable state is consistent — the slot is not acknowledged past the checkpoint, and
 //! every transaction the checkpoint covers is in the file — and after the last restart every
-//! committed change has been delivered at least once (DESIGN.md §8 invariants 1-3).
+//! committed change has been delivered at least once (docs/architecture.md §8 invariants 1-3).
 //!
 //! Transaction `i` inserts row `u{i}` (plan = i); odd ones from 3 on also update row `u{i-1}`
 //! (name = `upd{i}`); every 100th also inserts 20 more rows. Micro-batches of 7 events cut

@@ -1,5 +1,5 @@
 //! A row without any identifier value (user_id, anonymous_id and email all NULL or empty) is
-//! never sent (DESIGN.md §5): neither from the full sync nor from the stream (insert or
+//! never sent (docs/architecture.md §5): neither from the full sync nor from the stream (insert or
 //! update). Each one is written to `_rudderstack.cdc_dead_letters` with its op, LSN, a reason
 //! and the traits it would have carried, counted in the sync run, and the identified rows around
 //! it keep flowing.

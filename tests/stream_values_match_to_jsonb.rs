@@ -1,5 +1,5 @@
 //! Through the whole stream path (pgoutput text cells → decode → traits → file), the traits of
-//! a row equal `to_jsonb(row)` computed by PostgreSQL (DESIGN.md §7) for a handful of types
+//! a row equal `to_jsonb(row)` computed by PostgreSQL (docs/architecture.md §7) for a handful of types
 //! that are easy to get wrong: numeric at full precision and NaN, floats, timestamptz and
 //! infinity, timestamp, date, jsonb and json, arrays (nested, with NULLs, empty), bool, bytea.
 //! The same holds for the full sync's rows (COPY text). The complete type matrix is tested

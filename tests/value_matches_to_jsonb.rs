@@ -1,5 +1,5 @@
 //! `decode::value` gives, for every cell, exactly the JSON PostgreSQL's `to_jsonb(column)`
-//! gives (DESIGN.md §7): a table with a wide type matrix — builtins, extremes, NaN/infinities,
+//! gives (docs/architecture.md §7): a table with a wide type matrix — builtins, extremes, NaN/infinities,
 //! BC dates, json with duplicate keys, arrays of every shape, enum, domains, a composite,
 //! hstore — is read back in its text output form (what pgoutput and COPY send) and as
 //! `to_jsonb(col)`, and the mapped text must equal the server's JSON, key order included.

@@ -7,7 +7,7 @@
 //!    decode, transform     │  (bounded)       └─ ack watch ──► reader: update_applied_lsn
 //! ```
 //!
-//! Invariants kept here (DESIGN.md §8):
+//! Invariants kept here (docs/architecture.md §8):
 //! 1. The deliverer moves the checkpoint only to the end of a transaction all of whose events
 //!    the sink confirmed, and the reader reports to the slot only positions the deliverer
 //!    checkpointed: `confirmed_flush_lsn ≤ checkpoint ≤ delivered`.
@@ -33,9 +33,8 @@ use tokio::time::Instant;
 
 use crate::Lsn;
 use crate::batch::{BatchLimits, MicroBatch};
-use crate::config::{Config, SyncMode};
-use crate::decode::pgoutput::{Cell, LogicalMessage, PgoutputDecoder, TupleData};
-use crate::decode::relation::RelationCache;
+use crate::config::Config;
+use crate::decode::pgoutput::PgoutputDecoder;
 use crate::decode::value::TypeCatalog;
 use crate::error::Error;
 use crate::postgres::state::{self, CheckpointCommit, DeadLetter, FullSyncState};
@@ -44,15 +43,16 @@ use crate::sink::{self, Sink};
 use crate::source::SourceError;
 use crate::source::snapshot::{CopyTextParser, SnapshotQuery, snapshot_row_message_id};
 use crate::source::stream;
-use crate::transform::event::{EventFactory, Stamp, pg_micros_to_rfc3339, stream_message_id};
-use crate::transform::mapping::CellRef;
-use crate::transform::{Event, Op, ProjectedRow, Projection};
+use crate::transform::event::{EventFactory, Stamp, pg_micros_to_rfc3339};
+use crate::transform::{Event, Op, Projection};
 
 mod deliver;
+mod mapper;
 mod progress;
 mod read;
 
 use deliver::{Deliverer, Stretch};
+use mapper::{ChangeMapper, Mapped, row_item};
 use read::{Outbox, Reader};
 
 /// Items per message on the reader → deliverer channel: handing rows over in chunks rather than
@@ -206,6 +206,142 @@ struct TableContext {
     table: catalog::Table,
     factory: EventFactory,
     types: TypeCatalog,
+    /// The identifier columns the mapping resolves to in the catalog's shape.
+    identifiers: Vec<state::IdentifierColumnState>,
+}
+
+impl TableContext {
+    /// The table's identity as the checkpoint stores it.
+    fn followed(&self) -> state::FollowedTable<'_> {
+        state::FollowedTable {
+            schema: &self.table.schema,
+            name: &self.table.name,
+            oid: self.table.oid,
+            identifiers: &self.identifiers,
+        }
+    }
+}
+
+/// The identifier columns `projection` resolved in the catalog's shape of `table`.
+fn identifier_columns(
+    projection: &Projection,
+    table: &catalog::Table,
+) -> Vec<state::IdentifierColumnState> {
+    [
+        ("user_id", projection.user_id),
+        ("anonymous_id", projection.anonymous_id),
+        ("email", projection.email),
+    ]
+    .into_iter()
+    .filter_map(|(role, index)| {
+        let column = table.columns.get(index?)?;
+        Some(state::IdentifierColumnState {
+            role: role.to_owned(),
+            name: column.name.clone(),
+            attnum: column.attnum,
+        })
+    })
+    .collect()
+}
+
+/// Refuses to start when an identifier column the last full sync used was renamed or dropped
+/// while the config still names it (explicitly or by default): the events would change
+/// identity without a word. The column's attnum, which a rename keeps, tells the new name.
+fn check_identifiers_unchanged(
+    config: &Config,
+    stored: &state::Checkpoint,
+    table: &catalog::Table,
+) -> Result<(), Error> {
+    let ids = &config.mapping.identifiers;
+    for used in &stored.identifier_columns {
+        let configured = match used.role.as_str() {
+            "user_id" => ids.user_id.name(),
+            "anonymous_id" => ids.anonymous_id.name(),
+            _ => ids.email.name(),
+        };
+        if configured != used.name {
+            // The config changed this identifier: a mapping change, hence a full sync.
+            continue;
+        }
+        let now = table.columns.iter().find(|c| c.attnum == used.attnum);
+        if now.is_some_and(|c| c.name == used.name) {
+            continue;
+        }
+        let qualified = quote_qualified(&table.schema, &table.name);
+        return Err(mapper::identifier_gone(
+            &qualified,
+            &used.role,
+            &used.name,
+            now.map(|c| c.name.as_str()),
+            "so the pipeline did not start",
+        ));
+    }
+    Ok(())
+}
+
+/// Compares the table the config names with the one the pipeline's last full sync read
+/// (docs/architecture.md, "The followed table's identity"). `Ok(Some(reason))`: a different
+/// table (another name, or the same name dropped and created again): it needs a full sync.
+/// The same table (same OID) under a new name needs none; its new name is recorded.
+async fn followed_table_changed(
+    control: &tokio_postgres::Client,
+    pipeline: &str,
+    checkpoint: &state::Checkpoint,
+    table: &catalog::Table,
+) -> Result<Option<String>, Error> {
+    let named = |schema: &str, name: &str| quote_qualified(schema, name);
+    let now = named(&table.schema, &table.name);
+    let before = named(&checkpoint.schema_name, &checkpoint.table_name);
+    match checkpoint.table_oid {
+        Some(oid) if oid == table.oid => {
+            if now != before {
+                tracing::info!(from = %before, to = %now, oid, "the followed table was renamed: the stream resumes at the checkpoint");
+                let followed = state::FollowedTable {
+                    schema: &table.schema,
+                    name: &table.name,
+                    oid,
+                    identifiers: &[],
+                };
+                state::record_table_rename(control, pipeline, &followed).await?;
+            }
+            Ok(None)
+        }
+        Some(oid) => Ok(Some(format!(
+            "the followed table changed: the last full sync read {before} (OID {oid}), the config now names {now} (OID {}), a different table",
+            table.oid
+        ))),
+        // Pipelines from before the OID was kept: the names tell.
+        None if checkpoint.full_sync_state == FullSyncState::Done && now != before => Ok(Some(
+            format!("the followed table changed from {before} to {now}"),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The error for a config that names a table which no longer exists while the table the
+/// pipeline followed lives on under another name.
+async fn renamed_table_error(
+    control: &tokio_postgres::Client,
+    config: &Config,
+    checkpoint: Option<&state::Checkpoint>,
+) -> Result<Option<Error>, Error> {
+    let Some(oid) = checkpoint.and_then(|c| c.table_oid) else {
+        return Ok(None);
+    };
+    let Some((schema, name)) = catalog::table_name(control, oid).await? else {
+        return Ok(None);
+    };
+    let src = &config.source;
+    Ok(Some(Error::Mapping {
+        message: format!(
+            "table {} does not exist: the table this pipeline follows (OID {oid}) is now {}",
+            quote_qualified(&src.schema, &src.table),
+            quote_qualified(&schema, &name)
+        ),
+        hint: format!(
+            "set [source] schema = {schema:?} and table = {name:?} in the config: the stream resumes at its checkpoint, with no full sync"
+        ),
+    }))
 }
 
 async fn connect_control(config: &Config) -> Result<tokio_postgres::Client, Error> {
@@ -226,15 +362,20 @@ async fn run_session(
     let src = &config.source;
     let mut control = connect_control(config).await?;
     state::migrate(&mut control).await?;
-    let table = catalog::table(&control, &src.schema, &src.table)
-        .await?
-        .ok_or_else(|| SourceError::TableMissing {
+    let stored = state::load(&control, &config.name).await?;
+    let Some(table) = catalog::table(&control, &src.schema, &src.table).await? else {
+        if let Some(e) = renamed_table_error(&control, config, stored.as_ref()).await? {
+            return Err(e);
+        }
+        return Err(SourceError::TableMissing {
             table: quote_qualified(&src.schema, &src.table),
             user: src.user.clone(),
-        })?;
+        }
+        .into());
+    };
     // Refuse a table without identifier columns before touching the slot.
     let qualified = format!("{}.{}", src.schema, src.table);
-    Projection::resolve(
+    let projection = Projection::resolve(
         &config.mapping,
         &qualified,
         table.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
@@ -243,6 +384,13 @@ async fn run_session(
         hint: e.hint(),
         message: e.to_string(),
     })?;
+    let identifiers = identifier_columns(&projection, &table);
+    if let Some(stored) = &stored
+        && stored.full_sync_state == FullSyncState::Done
+        && stored.table_oid == Some(table.oid)
+    {
+        check_identifiers_unchanged(config, stored, &table)?;
+    }
     let mut types = TypeCatalog::builtin();
     let oids: Vec<u32> = table.columns.iter().map(|c| c.type_oid).collect();
     postgres::types::load_types(&control, &mut types, &oids)
@@ -265,15 +413,18 @@ async fn run_session(
     .await?;
     let hash = mapping_hash(config);
     let slot = stream::slot_info(&control, &src.slot).await?;
+    let table_changed = followed_table_changed(&control, &config.name, &checkpoint, &table).await?;
     let full_sync_reason = if checkpoint.full_sync_state != FullSyncState::Done {
         Some(match checkpoint.full_sync_state {
-            FullSyncState::Running => "the previous full sync did not finish",
-            _ => "this is the pipeline's first run",
+            FullSyncState::Running => "the previous full sync did not finish".to_owned(),
+            _ => "this is the pipeline's first run".to_owned(),
         })
+    } else if let Some(reason) = table_changed {
+        Some(reason)
     } else if checkpoint.resync_requested {
-        Some("`slotstream resync` was run")
+        Some("`slotstream resync` was run".to_owned())
     } else if checkpoint.mapping_hash.as_deref() != Some(hash.as_str()) {
-        Some("the mapping changed since the last full sync")
+        Some("the mapping changed since the last full sync".to_owned())
     } else {
         None
     };
@@ -308,6 +459,7 @@ async fn run_session(
         factory: EventFactory::new(&config.name, &src.schema, &src.table),
         table,
         types,
+        identifiers,
     };
     let reader = Reader {
         config,

@@ -66,7 +66,7 @@ impl Outbox {
 impl Reader<'_> {
     pub(super) async fn run(
         mut self,
-        full_sync_reason: Option<&'static str>,
+        full_sync_reason: Option<String>,
         slot: Option<stream::SlotInfo>,
         checkpoint: Lsn,
         hash: &str,
@@ -127,6 +127,7 @@ impl Reader<'_> {
                             exported.consistent_point,
                             hash,
                             true,
+                            &self.ctx.followed(),
                         )
                         .await?;
                         match self
@@ -228,7 +229,8 @@ impl Reader<'_> {
         let snapshot_lsn = exported.consistent_point;
         // Recorded before the snapshot's transaction begins (it is read only). The checkpoint
         // stays: a crash from here on starts the full sync again and reads the slot from it.
-        state::begin_full_sync(&self.control, name, snapshot_lsn, hash, false).await?;
+        let followed = self.ctx.followed();
+        state::begin_full_sync(&self.control, name, snapshot_lsn, hash, false, &followed).await?;
         self.import_snapshot(&exported.snapshot_name).await?;
         // The imported snapshot belongs to this transaction now: the temporary slot can go.
         drop(exported.session);
@@ -317,9 +319,15 @@ impl Reader<'_> {
                 rows += 1;
                 let (projected, key_text) = query.project(&projection, table, &self.ctx.types, row);
                 let pipeline = &self.config.name;
-                let item = self.row_item(projected, Op::Snapshot, snapshot_lsn, &stamp, |p| {
-                    snapshot_row_message_id(pipeline, &key_text, p)
-                });
+                let item = row_item(
+                    self.config,
+                    &self.ctx.factory,
+                    projected,
+                    Op::Snapshot,
+                    snapshot_lsn,
+                    &stamp,
+                    |p| snapshot_row_message_id(pipeline, &key_text, p),
+                );
                 if let Err(stop) = self.out.send(item).await {
                     return Ok(Err(stop));
                 }
@@ -343,34 +351,6 @@ impl Reader<'_> {
         Ok(Ok(()))
     }
 
-    /// An identify event for a row, or a dead letter when it has no identifier.
-    pub(super) fn row_item(
-        &self,
-        projected: ProjectedRow,
-        op: Op,
-        lsn: Lsn,
-        stamp: &Stamp,
-        message_id: impl FnOnce(&ProjectedRow) -> uuid::Uuid,
-    ) -> Item {
-        if !projected.is_identified() {
-            return Item::DeadLetter(Box::new(DeadLetter {
-                lsn,
-                op: op.as_str(),
-                reason:
-                    "the row has no value in any identifier column (user_id, anonymous_id, email)"
-                        .into(),
-                payload: serde_json::Value::Object(projected.traits.into_map()),
-            }));
-        }
-        let id = message_id(&projected);
-        let event = if op == Op::Delete {
-            self.ctx.factory.deleted(projected, stamp, id)
-        } else {
-            self.ctx.factory.identify(projected, op, stamp, id)
-        };
-        Item::Event(event)
-    }
-
     /// The replication stream: decode, keep the followed table, transform, hand on.
     ///
     /// With `stop_before`, stops (`ReachedTarget`) before the first transaction whose commit
@@ -382,22 +362,27 @@ impl Reader<'_> {
         once_target: Option<Lsn>,
         stop_before: Option<Lsn>,
     ) -> Result<Stop, Error> {
-        let src = &self.config.source;
         let mut decoder = PgoutputDecoder::new(1);
-        let mut relations = RelationCache::new();
-        let mut ours: Option<(u32, Projection)> = None;
-        let mut reported_missing: Vec<String> = Vec::new();
-        let mut in_txn = false;
-        let mut commit_lsn = Lsn::ZERO;
-        let mut stamp = Stamp::new(Lsn::ZERO, "");
-        let mut ordinal: u64 = 0;
-        let mut rows: i64 = 0;
+        let factory = self.ctx.factory.clone();
+        let mut mapper = ChangeMapper::new(self.config, &factory, self.ctx.table.oid);
+        mapper.seed_shape(
+            self.ctx
+                .table
+                .columns
+                .iter()
+                .map(|c| crate::decode::pgoutput::RelationColumn {
+                    is_key: c.replica_identity,
+                    name: c.name.clone(),
+                    type_oid: c.type_oid,
+                    type_modifier: -1,
+                })
+                .collect(),
+        );
         let mut ack_open = true;
         let mut shutdown = self.shutdown.clone();
         // One waiter for the whole stream: a `wait_for` per message would register and drop a
         // waiter each time.
         let mut shutdown_requested = std::pin::pin!(shutdown.wait_for(|s| *s));
-        let qualified = format!("{}.{}", src.schema, src.table);
         loop {
             let event = tokio::select! {
                 biased;
@@ -424,7 +409,7 @@ impl Reader<'_> {
             };
             match event {
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    if !in_txn {
+                    if !mapper.in_transaction() {
                         if stop_before.is_some_and(|c| wal_end >= c) {
                             return Ok(Stop::ReachedTarget);
                         }
@@ -444,15 +429,11 @@ impl Reader<'_> {
                     if stop_before.is_some_and(|c| final_lsn >= c) {
                         return Ok(Stop::ReachedTarget);
                     }
-                    in_txn = true;
-                    commit_lsn = final_lsn;
-                    stamp = Stamp::new(final_lsn, &pg_micros_to_rfc3339(commit_time_micros));
-                    ordinal = 0;
-                    rows = 0;
+                    mapper.begin(final_lsn, commit_time_micros);
                 }
                 ReplicationEvent::Commit { end_lsn, .. } => {
-                    in_txn = false;
-                    if let Err(stop) = self.out.send_now(Item::Commit { end_lsn, rows }).await {
+                    let item = mapper.commit(end_lsn);
+                    if let Err(stop) = self.out.send_now(item).await {
                         return Ok(stop);
                     }
                     if once_target.is_some_and(|t| end_lsn >= t) {
@@ -461,125 +442,25 @@ impl Reader<'_> {
                 }
                 ReplicationEvent::XLogData { data, .. } => {
                     let msg = decoder.decode(&data)?;
-                    // A delete whose old row holds only the replica identity key.
-                    let mut key_only = false;
-                    let (op, rel_id, tuple) = match msg {
-                        LogicalMessage::Relation(body) => {
-                            let is_ours = body.name == src.table && body.namespace == src.schema;
-                            let rel_id = body.rel_id;
-                            let change = relations.apply(body);
-                            if is_ours {
-                                let Some(rel) = relations.get(rel_id) else {
-                                    continue;
-                                };
-                                let unknown: Vec<u32> = rel
-                                    .columns
-                                    .iter()
-                                    .map(|c| c.type_oid)
-                                    .filter(|o| self.ctx.types.needs(*o))
-                                    .collect();
-                                if !unknown.is_empty() {
-                                    postgres::types::load_types(
-                                        &self.control,
-                                        &mut self.ctx.types,
-                                        &unknown,
-                                    )
-                                    .await
-                                    .map_err(|e| PgError::query("loading column types", e))?;
-                                }
-                                let projection = Projection::resolve(
-                                    &self.config.mapping,
-                                    &qualified,
-                                    rel.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
+                    match mapper.map(msg, &self.ctx.types)? {
+                        Mapped::Skip => {}
+                        Mapped::Item(item) => {
+                            if let Err(stop) = self.out.send(item).await {
+                                return Ok(stop);
+                            }
+                        }
+                        Mapped::OurRelation { unknown_types } => {
+                            if !unknown_types.is_empty() {
+                                postgres::types::load_types(
+                                    &self.control,
+                                    &mut self.ctx.types,
+                                    &unknown_types,
                                 )
-                                .map_err(|e| Error::Mapping {
-                                    hint: e.hint(),
-                                    message: format!("after a schema change: {e}"),
-                                })?;
-                                for missing in &projection.missing_columns {
-                                    if !reported_missing.contains(missing) {
-                                        tracing::warn!(
-                                            column = %missing,
-                                            table = %qualified,
-                                            "a selected column is no longer in the table (dropped or renamed); its trait is no longer sent, the others keep flowing"
-                                        );
-                                        reported_missing.push(missing.clone());
-                                    }
-                                }
-                                reported_missing.retain(|m| projection.missing_columns.contains(m));
-                                if !change.is_unchanged() && !change.first_seen {
-                                    let added: Vec<&str> =
-                                        change.added.iter().map(|c| c.name.as_str()).collect();
-                                    let retyped: Vec<&str> =
-                                        change.retyped.iter().map(|c| c.name.as_str()).collect();
-                                    tracing::info!(table = %qualified, ?added, dropped = ?change.dropped, ?retyped, "table shape changed");
-                                }
-                                ours = Some((rel_id, projection));
+                                .await
+                                .map_err(|e| PgError::query("loading column types", e))?;
                             }
-                            continue;
+                            mapper.resolve_ours()?;
                         }
-                        LogicalMessage::Insert { rel_id, new, .. } => (Op::Insert, rel_id, new),
-                        LogicalMessage::Update {
-                            rel_id,
-                            mut new,
-                            old,
-                            ..
-                        } => {
-                            // An unchanged TOASTed value is not in the new row, but the whole
-                            // old row (REPLICA IDENTITY FULL) carries it: unchanged means equal.
-                            if let Some(crate::decode::pgoutput::OldTuple::Full(old)) = old {
-                                for (cell, old) in new.cells.iter_mut().zip(old.cells) {
-                                    if matches!(cell, Cell::UnchangedToast) {
-                                        *cell = old;
-                                    }
-                                }
-                            }
-                            (Op::Update, rel_id, new)
-                        }
-                        LogicalMessage::Delete { rel_id, old, .. } => {
-                            key_only = matches!(old, crate::decode::pgoutput::OldTuple::Key(_));
-                            let tuple = match old {
-                                crate::decode::pgoutput::OldTuple::Key(t)
-                                | crate::decode::pgoutput::OldTuple::Full(t) => t,
-                            };
-                            (Op::Delete, rel_id, tuple)
-                        }
-                        LogicalMessage::Truncate { rel_ids, .. } => {
-                            if let Some((ours_id, _)) = &ours
-                                && rel_ids.contains(ours_id)
-                            {
-                                tracing::warn!(table = %qualified, lsn = %commit_lsn, "the table was truncated; TRUNCATE produces no events");
-                            }
-                            continue;
-                        }
-                        _ => continue,
-                    };
-                    ordinal += 1;
-                    let Some((ours_id, projection)) = &ours else {
-                        continue;
-                    };
-                    if *ours_id != rel_id {
-                        continue;
-                    }
-                    rows += 1;
-                    if op == Op::Delete && self.config.sync_mode == SyncMode::Upsert {
-                        continue;
-                    }
-                    let rel = relations.shape_for(rel_id, &tuple)?;
-                    let types = &self.ctx.types;
-                    let projected = project_tuple(projection, &tuple, rel, types);
-                    let pipeline = &self.config.name;
-                    let mut item = self.row_item(projected, op, commit_lsn, &stamp, |_| {
-                        stream_message_id(pipeline, commit_lsn, ordinal)
-                    });
-                    if let (Item::DeadLetter(d), true) = (&mut item, key_only) {
-                        d.reason = format!(
-                            "the deleted row's old key has no identifier value: the table's replica identity does not include an identifier column, so deletes cannot name the user; run ALTER TABLE {} REPLICA IDENTITY FULL",
-                            quote_qualified(&src.schema, &src.table)
-                        );
-                    }
-                    if let Err(stop) = self.out.send(item).await {
-                        return Ok(stop);
                     }
                 }
                 ReplicationEvent::Message { .. } => {}
@@ -587,25 +468,4 @@ impl Reader<'_> {
             }
         }
     }
-}
-
-/// Projects a pgoutput tuple through `projection`.
-pub(super) fn project_tuple(
-    projection: &Projection,
-    tuple: &TupleData,
-    rel: &crate::decode::pgoutput::RelationBody,
-    types: &TypeCatalog,
-) -> ProjectedRow {
-    projection.project(|i| match tuple.cells.get(i) {
-        Some(Cell::Null) => CellRef::Null,
-        Some(Cell::UnchangedToast) | None => CellRef::Absent,
-        Some(Cell::Text(bytes)) => {
-            let oid = rel.columns.get(i).map(|c| c.type_oid).unwrap_or(25);
-            match std::str::from_utf8(bytes) {
-                Ok(text) => CellRef::Value(types.cell_to_json(oid, text)),
-                Err(_) => CellRef::Value(types.cell_to_json(oid, &String::from_utf8_lossy(bytes))),
-            }
-        }
-        Some(Cell::Binary(_)) => CellRef::Absent,
-    })
 }

@@ -10,6 +10,8 @@ use super::PgError;
 pub struct Column {
     /// Column name.
     pub name: String,
+    /// `attnum`: the column's identity in the table, kept across renames.
+    pub attnum: i16,
     /// Type OID (`atttypid`), the same OID pgoutput's Relation message carries.
     pub type_oid: u32,
     /// `format_type(atttypid, atttypmod)`, for people.
@@ -76,7 +78,7 @@ pub async fn table(client: &Client, schema: &str, name: &str) -> Result<Option<T
             "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod),
                     coalesce(a.attnum = ANY(pk.indkey), false),
                     coalesce(a.attnum = ANY(ri.indkey), false),
-                    a.attstorage IN ('x', 'e')
+                    a.attstorage IN ('x', 'e'), a.attnum
                FROM pg_attribute a
                LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary
                LEFT JOIN pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident
@@ -95,6 +97,7 @@ pub async fn table(client: &Client, schema: &str, name: &str) -> Result<Option<T
             primary_key: r.get(3),
             replica_identity: false,
             toastable: r.get(5),
+            attnum: r.get(6),
         })
         .collect();
     for (col, r) in columns.iter_mut().zip(rows.iter()) {
@@ -113,4 +116,18 @@ pub async fn table(client: &Client, schema: &str, name: &str) -> Result<Option<T
         replica_identity,
         estimated_rows,
     }))
+}
+
+/// The `(schema, name)` of the table with `pg_class.oid` = `oid`, if it still exists.
+pub async fn table_name(client: &Client, oid: u32) -> Result<Option<(String, String)>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = $1 AND c.relkind IN ('r', 'p')",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| PgError::query("looking up the followed table by OID", e))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
 }

@@ -3,7 +3,7 @@
 //!
 //! Every control connection pins the same session settings as the replication session
 //! (`DateStyle=ISO`, `TimeZone=UTC`, `IntervalStyle=postgres`, `extra_float_digits=3`), so text
-//! values read by COPY or preview render exactly as pgoutput renders them (DESIGN.md §7).
+//! values read by COPY or preview render exactly as pgoutput renders them (docs/architecture.md §7).
 
 pub mod catalog;
 pub mod preflight;

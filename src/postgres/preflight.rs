@@ -45,7 +45,7 @@ use crate::transform::mapping::Projection;
 mod publication;
 mod table;
 
-/// The schema holding slotstream's state (DESIGN.md §6); its name is fixed.
+/// The schema holding slotstream's state (docs/architecture.md §6); its name is fixed.
 pub const STATE_SCHEMA: &str = "_rudderstack";
 
 /// The state tables slotstream keeps in [`STATE_SCHEMA`] (see `postgres::state`).

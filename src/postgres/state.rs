@@ -1,4 +1,4 @@
-//! The pipeline's state in the `_rudderstack` schema (DESIGN.md §6), created and migrated by
+//! The pipeline's state in the `_rudderstack` schema (docs/architecture.md §6), created and migrated by
 //! slotstream itself.
 //!
 //! - `cdc_checkpoints`: one row per pipeline. `lsn` is the position up to which every change is
@@ -21,9 +21,10 @@ use crate::Lsn;
 const MIGRATION_LOCK: i64 = 0x5106_5173_7265_616d;
 
 /// The numbered migrations, applied in order.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE "_rudderstack".cdc_checkpoints (
     pipeline         text PRIMARY KEY,
     slot             text NOT NULL,
@@ -66,7 +67,17 @@ CREATE TABLE "_rudderstack".cdc_dead_letters (
 );
 CREATE INDEX cdc_dead_letters_pipeline_idx ON "_rudderstack".cdc_dead_letters (pipeline, id);
 "#,
-)];
+    ),
+    (
+        2,
+        // The followed table's identity: schema and table name change with a rename, the OID
+        // does not, and a table dropped and created again under the same name gets a new one.
+        // The identifier columns the last full sync used, by role: {"user_id": {"name": …,
+        // "attnum": …}, …}; the attnum tells a renamed column from a dropped one.
+        r#"ALTER TABLE "_rudderstack".cdc_checkpoints ADD COLUMN table_oid oid;
+           ALTER TABLE "_rudderstack".cdc_checkpoints ADD COLUMN identifier_columns jsonb;"#,
+    ),
+];
 
 /// Where the first full sync stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +126,25 @@ pub struct Checkpoint {
     pub full_sync_lsn: Option<Lsn>,
     /// `slotstream resync` was run.
     pub resync_requested: bool,
+    /// Schema of the followed table, as of the last full sync (or rename seen since).
+    pub schema_name: String,
+    /// Name of the followed table, as of the last full sync (or rename seen since).
+    pub table_name: String,
+    /// `pg_class.oid` of the table the last full sync read; `None` before the first one.
+    pub table_oid: Option<u32>,
+    /// The identifier columns the last full sync used (see [`IdentifierColumnState`]).
+    pub identifier_columns: Vec<IdentifierColumnState>,
+}
+
+/// One identifier column as the last full sync used it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IdentifierColumnState {
+    /// `user_id`, `anonymous_id` or `email`.
+    pub role: String,
+    /// The column's name then.
+    pub name: String,
+    /// Its `attnum`, which a rename keeps.
+    pub attnum: i16,
 }
 
 /// A dead letter: a row that could not be sent, and why.
@@ -194,7 +224,7 @@ pub async fn load(client: &Client, pipeline: &str) -> Result<Option<Checkpoint>,
     let row = client
         .query_opt(
             r#"SELECT pipeline, slot, lsn, mapping_hash, full_sync_state, full_sync_lsn,
-                      resync_requested
+                      resync_requested, schema_name, table_name, table_oid, identifier_columns
                  FROM "_rudderstack".cdc_checkpoints WHERE pipeline = $1"#,
             &[&pipeline],
         )
@@ -208,10 +238,20 @@ pub async fn load(client: &Client, pipeline: &str) -> Result<Option<Checkpoint>,
         full_sync_state: FullSyncState::parse(r.get::<_, &str>(4)),
         full_sync_lsn: r.get::<_, Option<PgLsn>>(5).map(lsn_from),
         resync_requested: r.get(6),
+        schema_name: r.get(7),
+        table_name: r.get(8),
+        table_oid: r.get(9),
+        identifier_columns: r
+            .get::<_, Option<serde_json::Value>>(10)
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default(),
     }))
 }
 
-/// Inserts the checkpoint row for a new pipeline (no-op when it exists) and returns it.
+/// Inserts the checkpoint row for a new pipeline and returns it. For an existing pipeline only
+/// the slot and publication names follow the config: the followed table's names and OID are
+/// the state of the last full sync, which `run` compares with the config to tell a renamed
+/// table from a different one (see [`begin_full_sync`] and [`record_table_rename`]).
 pub async fn ensure(
     client: &Client,
     pipeline: &str,
@@ -226,8 +266,7 @@ pub async fn ensure(
                    (pipeline, slot, publication, schema_name, table_name)
                VALUES ($1, $2, $3, $4, $5)
                ON CONFLICT (pipeline) DO UPDATE
-                  SET slot = EXCLUDED.slot, publication = EXCLUDED.publication,
-                      schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name"#,
+                  SET slot = EXCLUDED.slot, publication = EXCLUDED.publication"#,
             &[&pipeline, &slot, &publication, &schema, &table],
         )
         .await
@@ -250,23 +289,61 @@ pub async fn begin_full_sync(
     snapshot_lsn: Lsn,
     mapping_hash: &str,
     new_slot: bool,
+    table: &FollowedTable<'_>,
 ) -> Result<(), PgError> {
     client
         .execute(
             r#"UPDATE "_rudderstack".cdc_checkpoints
                   SET full_sync_state = 'running', full_sync_lsn = $2, full_sync_rows = 0,
                       mapping_hash = $3, lsn = CASE WHEN $4 THEN $2 ELSE lsn END,
-                      resync_requested = false, updated_at = now()
+                      resync_requested = false, schema_name = $5, table_name = $6,
+                      table_oid = $7, identifier_columns = $8, updated_at = now()
                 WHERE pipeline = $1"#,
             &[
                 &pipeline,
                 &lsn_param(snapshot_lsn),
                 &mapping_hash,
                 &new_slot,
+                &table.schema,
+                &table.name,
+                &table.oid,
+                &serde_json::to_value(table.identifiers).ok(),
             ],
         )
         .await
         .map_err(|e| PgError::query("recording the start of the full sync", e))?;
+    Ok(())
+}
+
+/// The followed table's identity, as stored with the checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct FollowedTable<'a> {
+    /// Schema name.
+    pub schema: &'a str,
+    /// Table name.
+    pub name: &'a str,
+    /// `pg_class.oid`.
+    pub oid: u32,
+    /// The identifier columns the mapping resolves to.
+    pub identifiers: &'a [IdentifierColumnState],
+}
+
+/// Records that the followed table (same OID) now goes by another name, after the config was
+/// changed to follow a rename: no full sync is needed, the stream resumes at the checkpoint.
+pub async fn record_table_rename(
+    client: &Client,
+    pipeline: &str,
+    table: &FollowedTable<'_>,
+) -> Result<(), PgError> {
+    client
+        .execute(
+            r#"UPDATE "_rudderstack".cdc_checkpoints
+                  SET schema_name = $2, table_name = $3, updated_at = now()
+                WHERE pipeline = $1 AND table_oid = $4"#,
+            &[&pipeline, &table.schema, &table.name, &table.oid],
+        )
+        .await
+        .map_err(|e| PgError::query("recording the followed table's new name", e))?;
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! The event of DESIGN.md §5, and its deterministic `messageId`.
+//! The event of docs/architecture.md §5, and its deterministic `messageId`.
 //!
 //! `messageId` is a UUID v5 of the pipeline name and the change's position: the commit LSN and
 //! the change's ordinal within its transaction for streamed changes, the snapshot LSN and the

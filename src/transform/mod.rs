@@ -1,5 +1,5 @@
 //! Rows to events: which columns become which traits (`mapping`), and the event shape of
-//! DESIGN.md §5 (`event`). The snapshot, the stream and `preview` all go through this module,
+//! docs/architecture.md §5 (`event`). The snapshot, the stream and `preview` all go through this module,
 //! so what `preview` prints is exactly what is sent.
 
 pub mod event;
