@@ -539,12 +539,18 @@ impl RawConfig {
         let destination = self.destination.validate()?;
         let metrics_listen = match self.metrics.listen {
             None => None,
-            Some(s) => Some(s.parse::<SocketAddr>().map_err(|_| {
-                ConfigError::invalid(
+            Some(s) => {
+                s.parse::<SocketAddr>().map_err(|_| {
+                    ConfigError::invalid(
+                        "metrics.listen",
+                        format!("is {s:?}; write an address and port such as \"127.0.0.1:9187\""),
+                    )
+                })?;
+                return Err(ConfigError::invalid(
                     "metrics.listen",
-                    format!("is {s:?}; write an address and port such as \"127.0.0.1:9187\""),
-                )
-            })?),
+                    "the metrics endpoint is not in this release: remove [metrics] (`slotstream status` shows the slot's lag and the last sync runs)",
+                ));
+            }
         };
         Ok(Config {
             name,
@@ -756,7 +762,15 @@ impl RawSchedule {
                         ),
                     ));
                 }
-                Frequency::Every(d)
+                // Accepted and ignored would be worse than refused: every event would stream
+                // in realtime while the user believes in windows.
+                return Err(ConfigError::invalid(
+                    "schedule.frequency",
+                    format!(
+                        "is {other:?}, but schedule windows are not in this release: use \"realtime\", or run `slotstream run --once` from a scheduler (cron, a systemd timer) every {}",
+                        humantime::format_duration(d)
+                    ),
+                ));
             }
         };
         let start_at = self.start_at.as_deref().unwrap_or("00:00");
@@ -766,6 +780,12 @@ impl RawSchedule {
                 format!("is {start_at:?}; write a UTC time of day as \"HH:MM\", e.g. \"02:00\""),
             )
         })?;
+        if self.start_at.is_some() {
+            return Err(ConfigError::invalid(
+                "schedule.start_at",
+                "aligns schedule windows, which are not in this release: remove it (realtime delivery has no windows)",
+            ));
+        }
         let max_batch_events = self.max_batch_events.unwrap_or(500);
         if max_batch_events == 0 || max_batch_events > 1_000_000 {
             return Err(ConfigError::invalid(
@@ -919,15 +939,46 @@ type = "stdout"
             MINIMAL,
             &[
                 ("SLOTSTREAM__SOURCE__PORT", "6543"),
-                ("SLOTSTREAM__SCHEDULE__FREQUENCY", "1h"),
+                ("SLOTSTREAM__SCHEDULE__MAX_BATCH_DELAY", "1s"),
             ],
         )
         .expect("valid");
         assert_eq!(c.source.port, 6543);
-        assert_eq!(
-            c.schedule.frequency,
-            Frequency::Every(Duration::from_secs(3600))
-        );
+        assert_eq!(c.schedule.max_batch_delay, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn keys_of_features_not_built_yet_are_refused_not_ignored() {
+        for (extra, key, says) in [
+            (
+                "[schedule]\nfrequency = \"1h\"\n",
+                "schedule.frequency",
+                "run --once",
+            ),
+            (
+                "[schedule]\nstart_at = \"02:00\"\n",
+                "schedule.start_at",
+                "not in this release",
+            ),
+            (
+                "[metrics]\nlisten = \"127.0.0.1:9187\"\n",
+                "metrics.listen",
+                "not in this release",
+            ),
+        ] {
+            let text = MINIMAL.replacen("[destination]", &format!("{extra}[destination]"), 1);
+            let err = parse(&text, &[]).expect_err(key);
+            match &err {
+                ConfigError::Invalid { key: k, message } => {
+                    assert_eq!(*k, key);
+                    assert!(message.contains(says), "{message}");
+                }
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        // The same through the environment.
+        let err = parse(MINIMAL, &[("SLOTSTREAM__SCHEDULE__FREQUENCY", "15m")]).expect_err("env");
+        assert!(err.to_string().contains("schedule.frequency"), "{err}");
     }
 
     #[test]
