@@ -32,6 +32,19 @@ fn rewrite_config(fx: &Fixture, from: &str, to: &str) {
     std::fs::write(&fx.config, text.replacen(from, to, 1)).unwrap();
 }
 
+/// A pipeline over `users` holding one row, running, its full sync delivered.
+async fn streaming_one_row(insert: &str) -> (Fixture, tokio_postgres::Client, faults::Running) {
+    let fx = users_fixture(USERS_TABLE, "", None).await;
+    let c = fx.db.connect().await;
+    c.batch_execute(insert).await.unwrap();
+    let child = faults::Running(fx.spawn_run());
+    support::wait_until(Duration::from_secs(30), "the full sync", || async {
+        fx.events().len() == 1
+    })
+    .await;
+    (fx, c, child)
+}
+
 /// Rows written into a table before it joins the publication are in no stream: only a full
 /// sync can deliver them.
 #[tokio::test(flavor = "multi_thread")]
@@ -96,16 +109,7 @@ async fn naming_another_table_in_the_config_gets_a_full_sync_of_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_renamed_table_keeps_streaming_and_the_config_follows_without_a_full_sync() {
-    let fx = users_fixture(USERS_TABLE, "", None).await;
-    let c = fx.db.connect().await;
-    c.batch_execute("INSERT INTO users (user_id) VALUES ('u_1')")
-        .await
-        .unwrap();
-    let mut child = faults::Running(fx.spawn_run());
-    support::wait_until(Duration::from_secs(30), "the full sync", || async {
-        fx.events().len() == 1
-    })
-    .await;
+    let (fx, c, mut child) = streaming_one_row("INSERT INTO users (user_id) VALUES ('u_1')").await;
     c.batch_execute(
         "ALTER TABLE users RENAME TO customers;
          INSERT INTO customers (user_id) VALUES ('u_2');",
@@ -146,16 +150,9 @@ async fn a_renamed_table_keeps_streaming_and_the_config_follows_without_a_full_s
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_renamed_identifier_column_stops_the_pipeline_with_the_key_to_change() {
-    let fx = users_fixture(USERS_TABLE, "", None).await;
-    let c = fx.db.connect().await;
-    c.batch_execute("INSERT INTO users (user_id, email) VALUES ('u_1', 'a@example.com')")
-        .await
-        .unwrap();
-    let mut child = faults::Running(fx.spawn_run());
-    support::wait_until(Duration::from_secs(30), "the full sync", || async {
-        fx.events().len() == 1
-    })
-    .await;
+    let (fx, c, mut child) =
+        streaming_one_row("INSERT INTO users (user_id, email) VALUES ('u_1', 'a@example.com')")
+            .await;
     // With the default identifiers, the email alone would still identify the row: without
     // the check, the event would silently become anonymous.
     c.batch_execute(

@@ -355,55 +355,34 @@ fn a_change_of_the_followed_table_before_its_relation_is_an_error() {
     );
 }
 
+/// id, user_id, email, as the catalog describes them at the start of a session.
+fn catalog_shape() -> Vec<RelationColumn> {
+    [
+        ("id", INT8, true),
+        ("user_id", TEXT, false),
+        ("email", TEXT, false),
+    ]
+    .into_iter()
+    .map(|(name, type_oid, is_key)| RelationColumn {
+        is_key,
+        name: name.into(),
+        type_oid,
+        type_modifier: -1,
+    })
+    .collect()
+}
+
 #[test]
 fn the_catalog_shape_seeds_the_comparison_with_the_first_relation() {
     let c = config("");
     let f = factory();
     let mut h = Harness::new(&c, &f);
-    h.mapper.seed_shape(vec![
-        RelationColumn {
-            is_key: true,
-            name: "id".into(),
-            type_oid: INT8,
-            type_modifier: -1,
-        },
-        RelationColumn {
-            is_key: false,
-            name: "user_id".into(),
-            type_oid: TEXT,
-            type_modifier: -1,
-        },
-        RelationColumn {
-            is_key: false,
-            name: "email".into(),
-            type_oid: TEXT,
-            type_modifier: -1,
-        },
-    ]);
+    h.mapper.seed_shape(catalog_shape());
     // A change streamed before any Relation message is still refused: the seed is no shape
     // to read tuples with.
     assert!(h.map(insert(OID, &[Some("1"), Some("u_1"), None])).is_err());
     let mut h = Harness::new(&c, &f);
-    h.mapper.seed_shape(vec![
-        RelationColumn {
-            is_key: true,
-            name: "id".into(),
-            type_oid: INT8,
-            type_modifier: -1,
-        },
-        RelationColumn {
-            is_key: false,
-            name: "user_id".into(),
-            type_oid: TEXT,
-            type_modifier: -1,
-        },
-        RelationColumn {
-            is_key: false,
-            name: "email".into(),
-            type_oid: TEXT,
-            type_modifier: -1,
-        },
-    ]);
+    h.mapper.seed_shape(catalog_shape());
     let err = h
         .map(relation(
             OID,
