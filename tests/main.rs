@@ -27,6 +27,7 @@ mod run_refuses_table_without_identifier;
 mod run_reports_missing_slot;
 mod sigterm_drains_and_checkpoints;
 mod slot_advances_while_table_is_idle;
+mod slot_creation_uses_the_syntax_of_each_server_version;
 mod stream_deletes_follow_sync_mode;
 mod stream_delivers_a_200k_row_transaction_once_in_order;
 mod stream_inserts_and_updates_become_identify_events;

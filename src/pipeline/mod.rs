@@ -225,6 +225,17 @@ async fn run_session(
 ) -> Result<(), Error> {
     let src = &config.source;
     let mut control = connect_control(config).await?;
+    // Refuse an unsupported server before touching anything.
+    let version = postgres::version::server_version(&control).await?;
+    if let Some(reason) =
+        postgres::version::unsupported(version.num, config.mapping.filter.is_some())
+    {
+        return Err(SourceError::UnsupportedServer {
+            version: version.text,
+            reason,
+        }
+        .into());
+    }
     state::migrate(&mut control).await?;
     let table = catalog::table(&control, &src.schema, &src.table)
         .await?
