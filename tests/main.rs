@@ -20,6 +20,7 @@ mod full_sync_is_consistent_with_concurrent_writer;
 mod full_sync_reports_progress;
 mod full_sync_restarts_cleanly_after_sigkill;
 mod full_sync_without_a_free_slot_recreates_the_slot;
+mod generated_columns_give_full_sync_and_stream_the_same_traits;
 mod mapping_change_triggers_one_full_sync;
 mod pgoutput_decoder_never_panics;
 mod run_once_catches_up_and_exits;

@@ -237,18 +237,20 @@ async fn run_session(
         .into());
     }
     state::migrate(&mut control).await?;
-    let table = catalog::table(&control, &src.schema, &src.table)
+    let table = catalog::table(&control, &src.schema, &src.table, &src.publication)
         .await?
         .ok_or_else(|| SourceError::TableMissing {
             table: quote_qualified(&src.schema, &src.table),
             user: src.user.clone(),
         })?;
-    // Refuse a table without identifier columns before touching the slot.
+    // Refuse a table without identifier columns, or a mapping that needs a column the stream
+    // does not carry, before touching the slot.
     let qualified = format!("{}.{}", src.schema, src.table);
-    Projection::resolve(
+    Projection::resolve_without(
         &config.mapping,
         &qualified,
         table.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
+        &table.unsent_generated(),
     )
     .map_err(|e| Error::Mapping {
         hint: e.hint(),

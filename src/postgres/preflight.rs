@@ -37,7 +37,7 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use super::catalog::Table;
-use super::version::{MIN_SUPPORTED, PG15, SUPPORTED_RANGE};
+use super::version::{MIN_SUPPORTED, PG15, PG18, SUPPORTED_RANGE};
 use super::{PgError, connect, quote_ident, quote_literal, quote_qualified, target};
 use crate::config::{Config, SslMode};
 use crate::error::Error;
