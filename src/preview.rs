@@ -24,17 +24,18 @@ pub async fn run(config: &Config, limit: u32) -> Result<(), Error> {
     let src = &config.source;
     let conn = postgres::connect(src, &config.name).await?;
     let client = conn.client;
-    let table = catalog::table(&client, &src.schema, &src.table)
+    let table = catalog::table(&client, &src.schema, &src.table, &src.publication)
         .await?
         .ok_or_else(|| SourceError::TableMissing {
             table: quote_qualified(&src.schema, &src.table),
             user: src.user.clone(),
         })?;
     let qualified = format!("{}.{}", src.schema, src.table);
-    let projection = Projection::resolve(
+    let projection = Projection::resolve_without(
         &config.mapping,
         &qualified,
         table.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
+        &table.unsent_generated(),
     )
     .map_err(|e| Error::Mapping {
         hint: e.hint(),
@@ -89,6 +90,13 @@ pub async fn run(config: &Config, limit: u32) -> Result<(), Error> {
         role(projection.anonymous_id),
         role(projection.email)
     ));
+    if config.mapping.columns.is_none() {
+        for generated in table.unsent_generated() {
+            out.push_str(&format!(
+                "  ! generated column {generated:?} is left out: logical replication does not send it\n"
+            ));
+        }
+    }
     for missing in &projection.missing_columns {
         out.push_str(&format!(
             "  ! selected column {missing:?} is not in the table\n"

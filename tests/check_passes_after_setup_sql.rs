@@ -23,7 +23,11 @@ async fn prepare(db: &TestDb, role: &str, ddl: &str, filter: Option<&str>) {
 
 #[tokio::test]
 async fn check_passes_after_setup_sql() {
-    let db = support::database().await;
+    check_passes_after_setup_sql_in(support::database().await).await;
+}
+
+/// The scenario in `db` (also run on PostgreSQL 18 by `core_on_postgres_18`).
+pub async fn check_passes_after_setup_sql_in(db: TestDb) {
     // Only non-TOASTable columns are selected, so not even the TOAST warning applies.
     prepare(
         &db,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use support::{
     EventOp, assert_same_state, fold_events, read_light_events, summarize_events, table_state,
-    users_fixture, wait_until,
+    users_fixture_at, wait_until,
 };
 
 /// `userId` is `user_id`, the id as text. REPLICA IDENTITY FULL puts user_id into the old tuple
@@ -140,8 +140,16 @@ async fn writer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_sync_is_consistent_with_concurrent_writer() {
-    let rows = row_count();
-    let fx = users_fixture(TABLE, "[sync]\nmode = \"mirror\"\n", None).await;
+    full_sync_is_consistent_with_concurrent_writer_in(support::cluster(), row_count()).await;
+}
+
+/// The scenario on `cluster` with a table of `rows` rows (also run on PostgreSQL 18 by
+/// `core_on_postgres_18`).
+pub async fn full_sync_is_consistent_with_concurrent_writer_in(
+    cluster: &'static support::Cluster,
+    rows: i64,
+) {
+    let fx = users_fixture_at(cluster, TABLE, "[sync]\nmode = \"mirror\"\n", None).await;
     let admin = fx.db.connect().await;
     let t = Instant::now();
     admin

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Fixture, users_fixture, wait_until};
+use support::{Fixture, users_fixture_at, wait_until};
 
 const TABLE: &str = "CREATE TABLE public.users (
     id bigserial PRIMARY KEY, user_id text, anonymous_id text, email text, name text,
@@ -74,7 +74,12 @@ fn without_sent_at(mut e: Value) -> Value {
 
 #[tokio::test]
 async fn inserts_and_updates_become_identify_events() {
-    let fx = users_fixture(TABLE, MAPPING, None).await;
+    inserts_and_updates_become_identify_events_in(support::cluster()).await;
+}
+
+/// The scenario on `cluster` (also run on PostgreSQL 18 by `core_on_postgres_18`).
+pub async fn inserts_and_updates_become_identify_events_in(cluster: &'static support::Cluster) {
+    let fx = users_fixture_at(cluster, TABLE, MAPPING, None).await;
     let admin = fx.db.connect().await;
     admin
         .batch_execute(

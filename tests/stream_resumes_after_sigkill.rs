@@ -165,6 +165,15 @@ fn check_durable_state(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_never_loses_a_committed_change() {
+    kill_9_never_loses_a_committed_change_in(support::cluster(), TXNS).await;
+}
+
+/// The scenario on `cluster` with `txns` writer transactions (also run on PostgreSQL 18 by
+/// `core_on_postgres_18`).
+pub async fn kill_9_never_loses_a_committed_change_in(
+    cluster: &'static support::Cluster,
+    txns: u64,
+) {
     let seed: u64 = std::env::var("SLOTSTREAM_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -173,7 +182,8 @@ async fn kill_9_never_loses_a_committed_change() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let ctx = format!("(SLOTSTREAM_TEST_SEED={seed})");
 
-    let fx = support::users_fixture(
+    let fx = support::users_fixture_at(
+        cluster,
         support::USERS_TABLE,
         "[schedule]\nmax_batch_events = 7\nmax_batch_delay = \"20ms\"\n",
         None,
@@ -182,7 +192,7 @@ async fn kill_9_never_loses_a_committed_change() {
     // The full sync of the empty table: every change below comes through the stream.
     fx.run_once();
     assert!(fx.events().is_empty());
-    let total: usize = (1..=TXNS).map(|i| keys_of_txn(i).len()).sum();
+    let total: usize = (1..=txns).map(|i| keys_of_txn(i).len()).sum();
 
     let committed: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     let writer = {
@@ -191,7 +201,7 @@ async fn kill_9_never_loses_a_committed_change() {
         tokio::spawn(async move {
             // Paced (about 10 s in all) so that the kills land while it writes.
             let mut pace = tokio::time::interval(Duration::from_millis(3));
-            for i in 1..=TXNS {
+            for i in 1..=txns {
                 pace.tick().await;
                 let msgs = w.simple_query(&txn_sql(i)).await.unwrap();
                 let bound = msgs
@@ -273,7 +283,7 @@ async fn kill_9_never_loses_a_committed_change() {
     let committed = committed.lock().unwrap().clone();
     let when = format!("after the final run --once {ctx}");
     check_durable_state(&when, checkpoint, confirmed, &file, &committed);
-    let want: BTreeSet<String> = (1..=TXNS).flat_map(keys_of_txn).collect();
+    let want: BTreeSet<String> = (1..=txns).flat_map(keys_of_txn).collect();
     let got: BTreeSet<String> = file.delivered.keys().cloned().collect();
     let missing: Vec<&String> = want.difference(&got).take(20).collect();
     assert!(

@@ -8,7 +8,7 @@
 use crate::support;
 
 use serde_json::Value;
-use support::users_fixture;
+use support::users_fixture_at;
 
 const TABLE: &str = "CREATE TABLE public.users (
     id bigserial PRIMARY KEY, user_id text,
@@ -38,7 +38,12 @@ const COLUMNS: &str = "user_id, n, n_scaled, f8, f4, i8, tstz, ts, d, jb, js, a_
 
 #[tokio::test]
 async fn streamed_traits_equal_to_jsonb() {
-    let fx = users_fixture(TABLE, "", None).await;
+    streamed_traits_equal_to_jsonb_in(support::cluster()).await;
+}
+
+/// The scenario on `cluster` (also run on PostgreSQL 18 by `core_on_postgres_18`).
+pub async fn streamed_traits_equal_to_jsonb_in(cluster: &'static support::Cluster) {
+    let fx = users_fixture_at(cluster, TABLE, "", None).await;
     let c = fx.db.connect().await;
     c.batch_execute(&format!("INSERT INTO users ({COLUMNS}) VALUES {ROW_1}"))
         .await

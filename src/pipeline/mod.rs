@@ -361,9 +361,21 @@ async fn run_session(
 ) -> Result<(), Error> {
     let src = &config.source;
     let mut control = connect_control(config).await?;
+    // Refuse an unsupported server before touching anything.
+    let version = postgres::version::server_version(&control).await?;
+    if let Some(reason) =
+        postgres::version::unsupported(version.num, config.mapping.filter.is_some())
+    {
+        return Err(SourceError::UnsupportedServer {
+            version: version.text,
+            reason,
+        }
+        .into());
+    }
     state::migrate(&mut control).await?;
     let stored = state::load(&control, &config.name).await?;
-    let Some(table) = catalog::table(&control, &src.schema, &src.table).await? else {
+    let Some(table) = catalog::table(&control, &src.schema, &src.table, &src.publication).await?
+    else {
         if let Some(e) = renamed_table_error(&control, config, stored.as_ref()).await? {
             return Err(e);
         }
@@ -373,12 +385,14 @@ async fn run_session(
         }
         .into());
     };
-    // Refuse a table without identifier columns before touching the slot.
+    // Refuse a table without identifier columns, or a mapping that needs a column the stream
+    // does not carry, before touching the slot.
     let qualified = format!("{}.{}", src.schema, src.table);
-    let projection = Projection::resolve(
+    let projection = Projection::resolve_without(
         &config.mapping,
         &qualified,
         table.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
+        &table.unsent_generated(),
     )
     .map_err(|e| Error::Mapping {
         hint: e.hint(),

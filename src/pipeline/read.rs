@@ -278,10 +278,11 @@ impl Reader<'_> {
         let mapping = &self.config.mapping;
         let table = &self.ctx.table;
         let qualified = format!("{}.{}", table.schema, table.name);
-        let projection = Projection::resolve(
+        let projection = Projection::resolve_without(
             mapping,
             &qualified,
             table.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
+            &table.unsent_generated(),
         )
         .map_err(|e| Error::Mapping {
             hint: e.hint(),

@@ -23,6 +23,36 @@ pub struct Column {
     /// Stored out of line when large (`attstorage` x or e): an update that leaves it unchanged
     /// sends no value for it unless REPLICA IDENTITY FULL.
     pub toastable: bool,
+    /// `GENERATED ALWAYS AS (…)`: how it is generated, and whether pgoutput sends it.
+    pub generated: Option<Generated>,
+}
+
+/// A generated column, as logical replication treats it.
+///
+/// pgoutput never sends generated columns before PostgreSQL 18. From 18 on it sends a stored
+/// one when the publication publishes it: `publish_generated_columns = stored`, or a column
+/// list that names it; `pg_publication_tables.attnames` lists exactly the columns it sends.
+/// Virtual generated columns (18) are never sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generated {
+    /// `STORED`; `published`: the publication sends it (PostgreSQL 18 and later only).
+    Stored {
+        /// pgoutput sends it.
+        published: bool,
+    },
+    /// `VIRTUAL` (PostgreSQL 18): computed when read, never sent.
+    Virtual,
+}
+
+impl Column {
+    /// A generated column that pgoutput does not send: stream events cannot carry it, so the
+    /// full sync must not either.
+    pub fn unsent_generated(&self) -> bool {
+        matches!(
+            self.generated,
+            Some(Generated::Virtual | Generated::Stored { published: false })
+        )
+    }
 }
 
 /// The followed table.
@@ -48,6 +78,15 @@ impl Table {
         self.columns.iter().find(|c| c.name == name)
     }
 
+    /// Names of the generated columns pgoutput does not send (see [`Generated`]).
+    pub fn unsent_generated(&self) -> Vec<&str> {
+        self.columns
+            .iter()
+            .filter(|c| c.unsent_generated())
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+
     /// Column names, comma-separated, for messages.
     pub fn column_list(&self) -> String {
         self.columns
@@ -58,8 +97,16 @@ impl Table {
     }
 }
 
-/// Reads the table's shape, or `None` when it does not exist (or is not visible to the role).
-pub async fn table(client: &Client, schema: &str, name: &str) -> Result<Option<Table>, PgError> {
+/// Reads the table's shape as `publication` sends it, or `None` when it does not exist (or is
+/// not visible to the role). The publication decides only whether a stored generated column is
+/// sent (PostgreSQL 18, see [`Generated`]); a publication that does not exist or does not
+/// publish the table sends none.
+pub async fn table(
+    client: &Client,
+    schema: &str,
+    name: &str,
+    publication: &str,
+) -> Result<Option<Table>, PgError> {
     let row = client
         .query_opt(
             "SELECT c.oid, c.relreplident::text, c.reltuples::int8
@@ -78,7 +125,7 @@ pub async fn table(client: &Client, schema: &str, name: &str) -> Result<Option<T
             "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod),
                     coalesce(a.attnum = ANY(pk.indkey), false),
                     coalesce(a.attnum = ANY(ri.indkey), false),
-                    a.attstorage IN ('x', 'e'), a.attnum
+                    a.attstorage IN ('x', 'e'), a.attgenerated::text, a.attnum
                FROM pg_attribute a
                LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary
                LEFT JOIN pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident
@@ -97,9 +144,15 @@ pub async fn table(client: &Client, schema: &str, name: &str) -> Result<Option<T
             primary_key: r.get(3),
             replica_identity: false,
             toastable: r.get(5),
-            attnum: r.get(6),
+            generated: match r.get::<_, String>(6).as_str() {
+                "s" => Some(Generated::Stored { published: false }),
+                "v" => Some(Generated::Virtual),
+                _ => None,
+            },
+            attnum: r.get(7),
         })
         .collect();
+    mark_published_generated(client, &mut columns, schema, name, publication).await?;
     for (col, r) in columns.iter_mut().zip(rows.iter()) {
         col.replica_identity = match replica_identity {
             'f' => true,
@@ -116,6 +169,41 @@ pub async fn table(client: &Client, schema: &str, name: &str) -> Result<Option<T
         replica_identity,
         estimated_rows,
     }))
+}
+
+/// Marks the stored generated columns that `publication` sends (PostgreSQL 18 and later: they
+/// are in `pg_publication_tables.attnames`; before 18 that list names generated columns that
+/// pgoutput does not send, so it is not asked).
+async fn mark_published_generated(
+    client: &Client,
+    columns: &mut [Column],
+    schema: &str,
+    name: &str,
+    publication: &str,
+) -> Result<(), PgError> {
+    let stored = |c: &Column| matches!(c.generated, Some(Generated::Stored { .. }));
+    if !columns.iter().any(stored) {
+        return Ok(());
+    }
+    if super::version::server_version(client).await?.num < super::version::PG18 {
+        return Ok(());
+    }
+    let published: Vec<String> = client
+        .query_opt(
+            "SELECT attnames::text[] FROM pg_publication_tables
+              WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &schema, &name],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the publication's columns", e))?
+        .and_then(|r| r.get::<_, Option<Vec<String>>>(0))
+        .unwrap_or_default();
+    for column in columns.iter_mut().filter(|c| stored(c)) {
+        column.generated = Some(Generated::Stored {
+            published: published.contains(&column.name),
+        });
+    }
+    Ok(())
 }
 
 /// The `(schema, name)` of the table with `pg_class.oid` = `oid`, if it still exists.

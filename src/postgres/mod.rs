@@ -10,6 +10,7 @@ pub mod preflight;
 pub mod state;
 pub mod tls;
 pub mod types;
+pub mod version;
 
 use std::time::Duration;
 

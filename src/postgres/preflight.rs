@@ -37,6 +37,7 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use super::catalog::Table;
+use super::version::{MIN_SUPPORTED, PG15, PG18, SUPPORTED_RANGE};
 use super::{PgError, connect, quote_ident, quote_literal, quote_qualified, target};
 use crate::config::{Config, SslMode};
 use crate::error::Error;
@@ -56,8 +57,6 @@ const STATE_TABLES: [&str; 4] = [
     "cdc_schema_migrations",
 ];
 
-/// `server_version_num` of PostgreSQL 15: publication row filters and column lists.
-const PG15: i32 = 150_000;
 /// PostgreSQL 13: `pg_replication_slots.wal_status`.
 const PG13: i32 = 130_000;
 /// PostgreSQL 10: logical replication with pgoutput.
@@ -403,32 +402,21 @@ impl Ctx<'_> {
             quote_ident(&src.user),
             quote_ident(&src.database)
         );
-        let row = self
-            .client
-            .query_one(
-                "SELECT current_setting('server_version'), current_setting('server_version_num')::int4",
-                &[],
-            )
-            .await;
-        let row = match row {
-            Ok(row) => row,
+        let server = match super::version::server_version(&self.client).await {
+            Ok(server) => server,
             Err(e) => {
                 self.report.pass(connected);
-                return Err(PgError::query("reading the server version", e));
+                return Err(e);
             }
         };
-        let full_version: String = row.get(0);
-        // "15.18 (Debian 15.18-0+deb12u1)" → "15.18".
-        let version = full_version
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        self.version_num = row.get(1);
-        if self.version_num < PG10 {
+        let version = server.text;
+        self.version_num = server.num;
+        if self.version_num < MIN_SUPPORTED {
             self.report.fail(
-                format!("{connected}, but PostgreSQL {version} is too old: logical replication with pgoutput needs PostgreSQL 10 or newer"),
-                vec![Fix::Step("upgrade PostgreSQL (15 or newer for row filters)".into())],
+                format!("{connected}, but PostgreSQL {version} is too old: slotstream supports {SUPPORTED_RANGE}"),
+                vec![Fix::Step(
+                    "upgrade PostgreSQL to 14 or newer (15 or newer for [mapping] filter)".into(),
+                )],
             );
         } else {
             self.report

@@ -53,6 +53,14 @@ pub enum SourceError {
         /// What was wrong.
         detail: String,
     },
+    /// The server's version cannot run this pipeline (older than 14, or a row filter before 15).
+    #[error("PostgreSQL {version} cannot run this pipeline: {reason}")]
+    UnsupportedServer {
+        /// `server_version`, e.g. `13.16`.
+        version: String,
+        /// What it lacks.
+        reason: String,
+    },
     /// The COPY stream of the full sync broke off or could not be parsed.
     #[error("full sync COPY failed: {0}")]
     Copy(String),
@@ -88,6 +96,7 @@ impl SourceError {
             SourceError::SlotMissing { .. }
             | SourceError::SlotUnusable { .. }
             | SourceError::TableMissing { .. }
+            | SourceError::UnsupportedServer { .. }
             | SourceError::UnexpectedReply { .. } => false,
         }
     }
@@ -111,6 +120,10 @@ impl SourceError {
                 Some(c) if c.starts_with("28") => "check source.user, the password and pg_hba.conf (a replication connection needs a matching `host` line for the database)".into(),
                 _ => "slotstream reconnects by itself on transient failures; if this persists run `slotstream check`".into(),
             },
+            SourceError::UnsupportedServer { .. } => format!(
+                "upgrade PostgreSQL: slotstream supports {} ([mapping] filter needs 15 or later), or remove [mapping] filter; `slotstream check` lists every requirement",
+                crate::postgres::version::SUPPORTED_RANGE
+            ),
             SourceError::UnexpectedReply { .. } => "this is a bug or an unsupported server version: report it".into(),
             SourceError::Copy(_) => "the full sync restarts from the beginning on the next attempt".into(),
         }

@@ -1,6 +1,6 @@
 //! The replication plane: the walsender session on `pgwire-replication`, and the slot.
 //!
-//! Protocol facts this module relies on (PostgreSQL 15, pgoutput proto v1):
+//! Protocol facts this module relies on (PostgreSQL 14 and later, pgoutput proto v1):
 //! - `START_REPLICATION SLOT s LOGICAL X` sends every transaction whose commit record lies at or
 //!   after `max(X, confirmed_flush_lsn)`, whole and in commit order, each as Begin, its changes,
 //!   Commit. Starting at the `end_lsn` of the last transaction delivered therefore resends
@@ -11,7 +11,8 @@
 //! - A keepalive's `wal_end` received outside a transaction means: every transaction that
 //!   committed before it has been sent. Acknowledging it when nothing is pending lets an idle
 //!   table's slot follow the WAL that other tables write (invariant 2).
-//! - `CREATE_REPLICATION_SLOT … LOGICAL pgoutput (SNAPSHOT 'export')` on a gated session returns
+//! - `CREATE_REPLICATION_SLOT … LOGICAL pgoutput (SNAPSHOT 'export')` (14: `… EXPORT_SNAPSHOT`,
+//!   see [`version::create_slot_command`]) on a gated session returns
 //!   the slot's consistent point and a snapshot name that stays importable until that session
 //!   runs its next command; a transaction that imports it sees exactly the rows committed before
 //!   the consistent point, and `START_REPLICATION … 0/0` then streams exactly the commits after.
@@ -27,7 +28,7 @@ use tokio_postgres::types::PgLsn;
 use super::SourceError;
 use crate::Lsn;
 use crate::config::{SourceConfig, SslMode};
-use crate::postgres::{PgError, SESSION_OPTIONS, quote_ident};
+use crate::postgres::{PgError, SESSION_OPTIONS, version};
 
 /// How often the session reports the acknowledged position to the server, at most.
 const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
@@ -234,12 +235,20 @@ async fn create_with_snapshot(
     temporary: bool,
 ) -> Result<ExportedSlot, SourceError> {
     let mut session = ReplicationClient::connect_gated(config).await?;
+    // The walsender answers SHOW too: the version decides the command's syntax.
+    let rows = session.simple_query("SHOW server_version_num").await?;
+    let version = rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(|c| c.as_ref())
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .ok_or_else(|| SourceError::UnexpectedReply {
+            command: "SHOW server_version_num",
+            detail: "no version number".into(),
+        })?;
     let rows = session
-        .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput (SNAPSHOT 'export')",
-            quote_ident(slot),
-            if temporary { " TEMPORARY" } else { "" }
-        ))
+        .simple_query(&version::create_slot_command(slot, temporary, version))
         .await?;
     let bad = |detail: &str| SourceError::UnexpectedReply {
         command: "CREATE_REPLICATION_SLOT",

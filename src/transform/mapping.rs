@@ -54,6 +54,19 @@ pub enum MappingError {
         /// The columns it has.
         columns: String,
     },
+    /// The mapping needs a column that logical replication does not send (a generated
+    /// column): stream events could not carry it.
+    #[error(
+        "{needed_as} needs column {column:?} of table {table}, but it is a generated column, which logical replication does not send: stream events could not carry it"
+    )]
+    UnsentGeneratedColumn {
+        /// The column.
+        column: String,
+        /// schema.table.
+        table: String,
+        /// What needs it: `[mapping] columns`, `mapping.identifiers.user_id`, …
+        needed_as: String,
+    },
     /// A constant and a column map to the same trait key.
     #[error("trait key {key:?} is both a constant and the key of column {column:?}")]
     TraitKeyClash {
@@ -71,6 +84,14 @@ impl MappingError {
             MappingError::NoIdentifierColumn { .. } => "add a user_id, anonymous_id or email column to the table, or name the column that identifies the user under [mapping.identifiers]".into(),
             MappingError::MissingIdentifier { .. } => "fix the column name under [mapping.identifiers]".into(),
             MappingError::TraitKeyClash { .. } => "rename the constant or change [mapping.trait_keys]".into(),
+            MappingError::UnsentGeneratedColumn { needed_as, .. } => format!(
+                "{} (compute the value downstream instead); on PostgreSQL 18 a publication can send stored generated columns: ALTER PUBLICATION <publication> SET (publish_generated_columns = stored)",
+                if needed_as.starts_with("[mapping] columns") {
+                    "remove the column from [mapping] columns"
+                } else {
+                    "name an identifier column under [mapping.identifiers] that is not generated"
+                }
+            ),
         }
     }
 }
@@ -251,14 +272,36 @@ pub fn anonymous_id_from_email(email: &str) -> String {
 }
 
 impl Projection {
-    /// Resolves `config` against the columns `(name, type_oid)` of one shape of `table`.
+    /// Resolves `config` against the columns `(name, type_oid)` of one shape of `table`, as a
+    /// pgoutput Relation message lists them.
     pub fn resolve<'a>(
         config: &MappingConfig,
         table: &str,
         columns: impl IntoIterator<Item = (&'a str, u32)>,
     ) -> Result<Projection, MappingError> {
+        Self::resolve_without(config, table, columns, &[])
+    }
+
+    /// Resolves `config` against the catalog's columns of `table`, of which pgoutput does not
+    /// send those named in `unsent` (generated columns): they get no place in the projection,
+    /// so the full sync's traits are the stream's. With every column selected (the default)
+    /// they are left out, and a default-named identifier column among them does not count; a
+    /// mapping that names one (`[mapping] columns`, `[mapping.identifiers]`) is refused, as is
+    /// a table whose only identifier column is one. Positions stay those of `columns`.
+    pub fn resolve_without<'a>(
+        config: &MappingConfig,
+        table: &str,
+        columns: impl IntoIterator<Item = (&'a str, u32)>,
+        unsent: &[&str],
+    ) -> Result<Projection, MappingError> {
         let columns: Vec<(&str, u32)> = columns.into_iter().collect();
-        let position = |name: &str| columns.iter().position(|(n, _)| *n == name);
+        let sent = |name: &str| !unsent.contains(&name);
+        let position = |name: &str| columns.iter().position(|(n, _)| *n == name && sent(n));
+        let unsent_error = |column: &str, needed_as: String| MappingError::UnsentGeneratedColumn {
+            column: column.to_owned(),
+            table: table.to_owned(),
+            needed_as,
+        };
         let column_list = || {
             columns
                 .iter()
@@ -267,6 +310,9 @@ impl Projection {
                 .join(", ")
         };
         let ident = |role: &'static str, col: &IdentifierColumn| match col {
+            IdentifierColumn::Configured(name) if !sent(name) => {
+                Err(unsent_error(name, format!("mapping.identifiers.{role}")))
+            }
             IdentifierColumn::Configured(name) => match position(name) {
                 Some(i) => Ok(Some(i)),
                 None => Err(MappingError::MissingIdentifier {
@@ -283,6 +329,15 @@ impl Projection {
         let anonymous_id = ident("anonymous_id", &ids.anonymous_id)?;
         let email = ident("email", &ids.email)?;
         if user_id.is_none() && anonymous_id.is_none() && email.is_none() {
+            if let Some(generated) = ids.all().iter().find(|c| !sent(c.name())) {
+                return Err(unsent_error(
+                    generated.name(),
+                    format!(
+                        "the mapping's only identifier (a column named {:?})",
+                        generated.name()
+                    ),
+                ));
+            }
             return Err(MappingError::NoIdentifierColumn {
                 table: table.to_owned(),
                 wanted: ids
@@ -319,10 +374,15 @@ impl Projection {
         match &config.columns {
             None => {
                 for (i, (name, oid)) in columns.iter().enumerate() {
-                    push(i, name, *oid)?;
+                    if sent(name) {
+                        push(i, name, *oid)?;
+                    }
                 }
             }
             Some(selected) => {
+                if let Some(name) = selected.iter().find(|n| !sent(n)) {
+                    return Err(unsent_error(name, "[mapping] columns".into()));
+                }
                 for name in selected {
                     match position(name) {
                         Some(i) => push(i, name, columns[i].1)?,
@@ -509,6 +569,68 @@ mod tests {
         let p =
             Projection::resolve(&config(Some(vec!["email", "plan"])), "t", COLS).expect("resolves");
         assert_eq!(p.missing_columns, vec!["plan".to_owned()]);
+    }
+
+    /// `plan` and (by its default name) `email` are generated columns pgoutput does not send.
+    const UNSENT: [&str; 2] = ["plan", "email"];
+    const GEN_COLS: [(&str, u32); 5] = [
+        ("id", 20),
+        ("email", 25),
+        ("name", 25),
+        ("user_id", 25),
+        ("plan", 25),
+    ];
+
+    #[test]
+    fn unsent_generated_columns_are_left_out_of_all_columns() {
+        let p =
+            Projection::resolve_without(&config(None), "t", GEN_COLS, &UNSENT).expect("resolves");
+        let columns: Vec<&str> = p.traits.iter().map(|t| &*t.column).collect();
+        assert_eq!(columns, ["id", "name", "user_id"]);
+        // Positions stay the catalog's.
+        assert_eq!(p.user_id, Some(3));
+        // A default-named identifier that is not sent does not count.
+        assert_eq!(p.email, None);
+        assert_eq!(p.needed_columns(), vec![0, 2, 3]);
+    }
+
+    #[test]
+    fn a_mapping_that_names_an_unsent_generated_column_is_refused() {
+        let err = Projection::resolve_without(
+            &config(Some(vec!["name", "plan"])),
+            "public.t",
+            GEN_COLS,
+            &UNSENT,
+        )
+        .expect_err("plan is generated");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("[mapping] columns")
+                && msg.contains("\"plan\"")
+                && msg.contains("generated"),
+            "{msg}"
+        );
+        assert!(err.hint().contains("remove the column"), "{}", err.hint());
+
+        let mut cfg = config(None);
+        cfg.identifiers.user_id = IdentifierColumn::Configured("plan".into());
+        let err = Projection::resolve_without(&cfg, "public.t", GEN_COLS, &UNSENT)
+            .expect_err("the identifier is generated");
+        assert!(
+            err.to_string().contains("mapping.identifiers.user_id"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_table_whose_only_identifier_is_generated_is_refused_naming_it() {
+        let cols = [("id", 20), ("email", 25), ("name", 25)];
+        let err = Projection::resolve_without(&config(None), "public.t", cols, &["email"])
+            .expect_err("no identifier is sent");
+        assert!(
+            matches!(&err, MappingError::UnsentGeneratedColumn { column, .. } if column == "email"),
+            "{err}"
+        );
     }
 
     #[test]

