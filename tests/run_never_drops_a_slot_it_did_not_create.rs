@@ -1,8 +1,9 @@
 //! A slot named like the pipeline's but not created by slotstream for it (a physical slot,
 //! another output plugin, another database, another consumer holding it, another pipeline's) is
 //! never dropped, recreated or read: `run` stops at once (exit 1, no retry) with a message naming
-//! the slot and its owner, and a hint (another `[source] slot`, or drop it yourself). Only a slot
-//! of ours that the server invalidated is created again by a full sync.
+//! the slot and its owner, and a hint (another `[source] slot`, or drop it yourself); `teardown`
+//! leaves it alone too. Only a slot of ours that the server invalidated is created again by a
+//! full sync.
 
 use crate::support;
 use crate::support::faults;
@@ -93,6 +94,15 @@ async fn a_physical_slot_or_another_plugins_slot_is_left_alone() {
         slot_row(&c, &fx.slot).await,
         Some(("physical".into(), None)),
         "the physical slot is still there\n{dump}"
+    );
+    // teardown retires the pipeline's state but leaves that slot alone too.
+    let (code, stdout, stderr) = fx.slotstream("teardown", &["--yes"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("alone"), "{stdout}{stderr}");
+    assert_eq!(
+        slot_row(&c, &fx.slot).await,
+        Some(("physical".into(), None)),
+        "teardown dropped the physical slot\n{stdout}{stderr}"
     );
     c.execute("SELECT pg_drop_replication_slot($1)", &[&fx.slot])
         .await
