@@ -54,6 +54,14 @@ pub enum Error {
     /// A task of slotstream itself failed (a bug).
     #[error("internal error: {0}")]
     Internal(String),
+    /// Another process runs this pipeline (it holds the pipeline lock).
+    #[error("pipeline {pipeline:?} is already running ({holder})")]
+    AlreadyRunning {
+        /// The pipeline name.
+        pipeline: String,
+        /// Who runs it, in words.
+        holder: String,
+    },
     /// The table cannot be mapped to events as configured.
     #[error("{message}")]
     Mapping {
@@ -71,7 +79,7 @@ impl Error {
             Error::Postgres(e) => e.is_retryable(),
             Error::Source(e) => e.is_retryable(),
             Error::Sink(e) => e.is_retryable(),
-            Error::Internal(_) => false,
+            Error::Internal(_) | Error::AlreadyRunning { .. } => false,
             Error::Config(_)
             | Error::PreflightFailed { .. }
             | Error::Decode(_)
@@ -91,6 +99,9 @@ impl Error {
                 "this is a bug or an unsupported server: report it with the message above; nothing was acknowledged, so a fixed version resumes without loss".into()
             }
             Error::Mapping { hint, .. } => hint.clone(),
+            Error::AlreadyRunning { .. } => {
+                "one `slotstream run` per pipeline: stop the running one first (SIGTERM) if you mean to replace it; a second pipeline on this database needs its own `name`. If that process is gone, the server releases its lock within about a minute, or at once with SELECT pg_terminate_backend(<its lock session's backend pid>)".into()
+            }
             Error::Source(e) => e.hint(),
             Error::Sink(e) => e.hint(),
             Error::Internal(_) => "this is a bug: report it with the message above; nothing unconfirmed was acknowledged".into(),
@@ -108,7 +119,8 @@ impl Error {
             | Error::Decode(_)
             | Error::Source(_)
             | Error::Sink(_)
-            | Error::Internal(_) => exit::RUNTIME,
+            | Error::Internal(_)
+            | Error::AlreadyRunning { .. } => exit::RUNTIME,
         }
     }
 }

@@ -6,8 +6,9 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::postgres::lock::{self, PipelineLock};
 use crate::postgres::{self, PgError, state};
-use crate::source::stream;
+use crate::source::{SourceError, stream};
 
 /// The status report (`--json` prints it as is).
 #[derive(Debug, Serialize)]
@@ -204,8 +205,16 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
             config.name
         ));
     }
+    // Safe while a run is live: the request is read when a session starts.
+    let running = match lock::holder(&client, &config.name).await? {
+        Some(holder) => format!(
+            "; the running slotstream ({}) starts it when its session next starts (a restart or a reconnect): restart it to start it now",
+            holder.describe()
+        ),
+        None => String::new(),
+    };
     print(&format!(
-        "resync requested: the next `slotstream run` of {:?} sends every row again, then streams\n",
+        "resync requested: the next `slotstream run` of {:?} sends every row again, then streams{running}\n",
         config.name
     ))
 }
@@ -229,24 +238,37 @@ pub async fn teardown(config: &Config, yes: bool) -> Result<(), Error> {
             return print("teardown cancelled\n");
         }
     }
+    // Holding the pipeline lock: refuses while a run is live, and no run starts meanwhile.
+    let _lock = PipelineLock::acquire(&config.source, &config.name, None).await?;
     let client = postgres::connect(&config.source, &config.name)
         .await?
         .client;
-    if let Some(info) = stream::slot_info(&client, &config.source.slot).await? {
-        if let Some(pid) = info.active_pid {
-            return Err(crate::source::SourceError::SlotBusy {
-                slot: config.source.slot.clone(),
-                pid,
+    let slot = &config.source.slot;
+    let mut left_alone = None;
+    if let Some(other) = state::other_pipeline_using_slot(&client, &config.name, slot).await? {
+        left_alone = Some(format!(
+            "pipeline {other:?} of this database streams from it"
+        ));
+    } else if let Some(info) = stream::slot_info(&client, slot).await? {
+        match stream::check_slot(slot, &info, &config.source.database, &config.name) {
+            Ok(()) | Err(SourceError::SlotUnusable { .. }) => {
+                stream::drop_slot(&client, slot).await?;
             }
-            .into());
+            Err(SourceError::SlotNotOurs { owner, .. }) => left_alone = Some(owner),
+            Err(e) => return Err(e.into()),
         }
-        stream::drop_slot(&client, &config.source.slot).await?;
     }
     if state::load(&client, &config.name).await?.is_some() {
         state::delete_pipeline(&client, &config.name).await?;
     }
-    print(&format!(
-        "dropped slot {:?} and the state of {:?}; sql/teardown.sql removes the role, grants and publication\n",
-        config.source.slot, config.name
-    ))
+    match left_alone {
+        None => print(&format!(
+            "dropped slot {slot:?} and the state of {:?}; sql/teardown.sql removes the role, grants and publication\n",
+            config.name
+        )),
+        Some(owner) => print(&format!(
+            "dropped the state of {:?}; left replication slot {slot:?} alone, it is not this pipeline's: {owner}\n",
+            config.name
+        )),
+    }
 }

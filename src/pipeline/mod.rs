@@ -20,6 +20,12 @@
 //!
 //! One shutdown path: SIGTERM or Ctrl-C stops the reader; the deliverer drains the channel,
 //! delivers, checkpoints, and the final position is acknowledged before exit.
+//!
+//! One run per pipeline: the run holds the pipeline lock (`postgres::lock`) from before its
+//! first session to its exit, across reconnects. A second run stops at once with "already
+//! running". Should the lock's own session end while the others live, the current session stops
+//! as on shutdown and the lock is taken again before the next one (or the run stops, if another
+//! process took it meanwhile).
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -37,6 +43,7 @@ use crate::config::Config;
 use crate::decode::pgoutput::PgoutputDecoder;
 use crate::decode::value::TypeCatalog;
 use crate::error::Error;
+use crate::postgres::lock::{LockWatch, PipelineLock};
 use crate::postgres::state::{self, CheckpointCommit, DeadLetter, FullSyncState};
 use crate::postgres::{self, PgError, catalog, quote_qualified};
 use crate::sink::{self, Sink};
@@ -161,17 +168,27 @@ pub async fn run_with_shutdown(
     let mut backoff = Duration::from_millis(500);
     let mut once_target: Option<Lsn> = None;
     let mut retries: u32 = 0;
+    let mut lock: Option<PipelineLock> = None;
     loop {
         let started = Instant::now();
-        match run_session(
-            config,
-            once,
-            &mut once_target,
-            shutdown.clone(),
-            sink.clone(),
-        )
-        .await
-        {
+        let result = match hold_lock(config, &mut lock).await {
+            Ok(watch) => {
+                let (stop, forward) = session_stop(&shutdown, watch.clone());
+                let result = run_session(config, once, &mut once_target, stop, sink.clone()).await;
+                forward.abort();
+                match result {
+                    Ok(()) if watch.is_lost() && !*shutdown.borrow() => Err(PgError::Query {
+                        what: "holding the pipeline lock".into(),
+                        detail: "its session ended".into(),
+                        code: None,
+                    }
+                    .into()),
+                    result => result,
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(()) => return Ok(()),
             Err(e)
                 if e.is_retryable()
@@ -199,6 +216,49 @@ pub async fn run_with_shutdown(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Takes the pipeline lock before the first session, and again if its session ended since.
+async fn hold_lock(config: &Config, lock: &mut Option<PipelineLock>) -> Result<LockWatch, Error> {
+    if let Some(held) = lock.as_ref()
+        && !held.is_lost()
+    {
+        return Ok(held.watch());
+    }
+    let previous = lock.take();
+    let held = PipelineLock::acquire(&config.source, &config.name, previous.as_ref()).await?;
+    let watch = held.watch();
+    *lock = Some(held);
+    Ok(watch)
+}
+
+/// A session's stop signal: the process's shutdown, or the end of the pipeline lock's session
+/// (checked twice a second). The task forwarding them ends with the session.
+fn session_stop(
+    shutdown: &watch::Receiver<bool>,
+    lock: LockWatch,
+) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(*shutdown.borrow());
+    let mut shutdown = shutdown.clone();
+    let forward = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut shutdown_open = true;
+        loop {
+            tokio::select! {
+                changed = shutdown.changed(), if shutdown_open => match changed {
+                    Ok(()) if *shutdown.borrow_and_update() => break,
+                    Ok(()) => {}
+                    Err(_) => shutdown_open = false,
+                },
+                _ = tick.tick() => if lock.is_lost() {
+                    tracing::warn!("the pipeline lock's session ended: stopping this session to take the lock again");
+                    break;
+                },
+            }
+        }
+        let _ = tx.send(true);
+    });
+    (rx, forward)
 }
 
 /// The parts of the followed table the reader needs.
@@ -415,6 +475,17 @@ async fn run_session(
     // the WAL always moves beyond the target, so the stream reaches it even on an idle server.
     if once && once_target.is_none() {
         *once_target = Some(stream::current_wal_lsn(&control).await?);
+    }
+    // Before this pipeline records the slot as its own: the first pipeline that did owns it.
+    if let Some(other) = state::other_pipeline_using_slot(&control, &config.name, &src.slot).await?
+    {
+        return Err(SourceError::SlotNotOurs {
+            slot: src.slot.clone(),
+            owner: format!(
+                "pipeline {other:?} of this database streams from it (its row in _rudderstack.cdc_checkpoints; `slotstream teardown` with that pipeline's config retires it)"
+            ),
+        }
+        .into());
     }
     let checkpoint = state::ensure(
         &control,

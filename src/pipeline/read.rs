@@ -76,18 +76,23 @@ impl Reader<'_> {
         let (session, start) = match full_sync_reason {
             Some(reason) => {
                 tracing::info!(reason, "starting a full sync");
-                if let Some(pid) = slot.as_ref().and_then(|info| info.active_pid) {
-                    return Err(SourceError::SlotBusy {
-                        slot: src.slot.clone(),
-                        pid,
+                // A usable slot stays (see `full_sync_on_kept_slot`); a missing one is created
+                // with the snapshot, and so is one of ours the server invalidated. A slot that
+                // is not this pipeline's is never dropped: `check_slot` stops the run.
+                let keep = match &slot {
+                    None => false,
+                    Some(info) => {
+                        match stream::check_slot(&src.slot, info, &src.database, &self.config.name)
+                        {
+                            Ok(()) => true,
+                            Err(SourceError::SlotUnusable { reason, .. }) => {
+                                tracing::warn!(slot = %src.slot, %reason, "the slot is invalidated: the full sync creates it again");
+                                false
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     }
-                    .into());
-                }
-                // A usable slot stays (see `full_sync_on_kept_slot`); a missing or unusable one
-                // is created (again) with the snapshot.
-                let keep = slot
-                    .as_ref()
-                    .is_some_and(|info| stream::check_slot(&src.slot, info, &src.database).is_ok());
+                };
                 let kept = if keep {
                     self.full_sync_on_kept_slot(checkpoint, hash).await?
                 } else {
@@ -153,7 +158,9 @@ impl Reader<'_> {
                         }
                         .into());
                     }
-                    Some(info) => stream::check_slot(&src.slot, info, &src.database)?,
+                    Some(info) => {
+                        stream::check_slot(&src.slot, info, &src.database, &self.config.name)?
+                    }
                 }
                 let cfg =
                     stream::replication_config(src, &self.config.name, checkpoint, checkpoint);
@@ -314,7 +321,7 @@ impl Reader<'_> {
                 chunk = stream.next() => chunk,
             };
             let Some(chunk) = chunk else { break };
-            let chunk = chunk.map_err(|e| SourceError::Copy(e.to_string()))?;
+            let chunk = chunk.map_err(|e| PgError::query("reading the full sync's COPY", e))?;
             parser.push(&chunk);
             while let Some(row) = parser.next_row()? {
                 rows += 1;

@@ -278,6 +278,35 @@ pub async fn ensure(
     })
 }
 
+/// Another pipeline of this database whose state names `slot` as its slot, if any (none
+/// without state tables).
+pub async fn other_pipeline_using_slot(
+    client: &Client,
+    pipeline: &str,
+    slot: &str,
+) -> Result<Option<String>, PgError> {
+    let exists: bool = client
+        .query_one(
+            r#"SELECT to_regclass('"_rudderstack".cdc_checkpoints') IS NOT NULL"#,
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::query("looking for the state tables", e))?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            r#"SELECT pipeline FROM "_rudderstack".cdc_checkpoints
+                WHERE slot = $1 AND pipeline <> $2 ORDER BY pipeline LIMIT 1"#,
+            &[&slot, &pipeline],
+        )
+        .await
+        .map_err(|e| PgError::query("looking for other pipelines on the slot", e))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
 /// Marks a full sync as started at `snapshot_lsn` with `mapping_hash`. With `new_slot` the
 /// checkpoint LSN is reset to the snapshot position: the new slot starts there. Otherwise (the
 /// pipeline's slot stays, the snapshot came from a temporary slot) the checkpoint is left where

@@ -29,13 +29,26 @@ pub enum SourceError {
         /// Why.
         reason: String,
     },
-    /// The slot is in use by another process.
-    #[error("replication slot {slot:?} is in use by another process (pid {pid})")]
+    /// The slot is in use by a walsender of this pipeline that the server has not ended yet (a
+    /// previous session's, after a reconnect): it is released within `wal_sender_timeout`.
+    #[error(
+        "replication slot {slot:?} is still held by an earlier session of this pipeline (walsender pid {pid})"
+    )]
     SlotBusy {
         /// The slot.
         slot: String,
         /// The walsender's pid.
         pid: i32,
+    },
+    /// A slot of the configured name exists but slotstream did not create it for this pipeline
+    /// (a physical slot, another plugin, another database, another consumer, another
+    /// pipeline): slotstream never drops, recreates or reads it.
+    #[error("replication slot {slot:?} is not this pipeline's: {owner}")]
+    SlotNotOurs {
+        /// The slot.
+        slot: String,
+        /// Whose it is, in words (type, plugin, database, or the process using it).
+        owner: String,
     },
     /// The followed table is not in the database.
     #[error("table {table} does not exist or is not visible to role {user}")]
@@ -83,18 +96,14 @@ impl SourceError {
         match self {
             SourceError::Replication(e) => match sqlstate(e) {
                 // connection exceptions, resource limits, admin/crash shutdown, object in use
-                Some(code) => {
-                    code.starts_with("08")
-                        || code.starts_with("53")
-                        || code.starts_with("57")
-                        || code == "55006"
-                }
+                Some(code) => crate::postgres::sqlstate_is_retryable(code),
                 None => e.is_transient(),
             },
             SourceError::SlotBusy { .. } => true,
             SourceError::Copy(_) => true,
             SourceError::SlotMissing { .. }
             | SourceError::SlotUnusable { .. }
+            | SourceError::SlotNotOurs { .. }
             | SourceError::TableMissing { .. }
             | SourceError::UnsupportedServer { .. }
             | SourceError::UnexpectedReply { .. } => false,
@@ -107,9 +116,13 @@ impl SourceError {
             SourceError::SlotMissing { .. } | SourceError::SlotUnusable { .. } => {
                 "run `slotstream resync --config FILE` and then `slotstream run`: a full sync rebuilds the destination's state and a new slot is created".into()
             }
-            SourceError::SlotBusy { .. } => {
-                "another slotstream (or another client) is reading this slot: stop it, or give this pipeline its own slot with source.slot".into()
-            }
+            SourceError::SlotBusy { pid, .. } => format!(
+                "slotstream retries until the server ends that session (wal_sender_timeout); if it does not, end it with SELECT pg_terminate_backend({pid});"
+            ),
+            SourceError::SlotNotOurs { slot, .. } => format!(
+                "slotstream never drops or reads a slot it did not create: choose another `[source] slot` for this pipeline, or, if that slot is really unused, drop it yourself (SELECT pg_drop_replication_slot('{}');) and run again",
+                slot.replace('\'', "''")
+            ),
             SourceError::TableMissing { .. } => {
                 "check source.schema and source.table, and GRANT SELECT on the table (sql/setup.sql)".into()
             }
@@ -118,6 +131,8 @@ impl SourceError {
                 Some("42704") => "the publication or slot named in the config does not exist: run `slotstream check`".into(),
                 Some("55000") => "the server refused logical replication: check wal_level = logical and the slot's state with `slotstream check`".into(),
                 Some(c) if c.starts_with("28") => "check source.user, the password and pg_hba.conf (a replication connection needs a matching `host` line for the database)".into(),
+                Some(c) if c.starts_with("22") => "the publication's row filter fails on a row, and will on every retry: make `[mapping] filter` valid for every row (e.g. guard a division with NULLIF), set the same filter on the publication (ALTER PUBLICATION … SET TABLE … WHERE (…)), then run again; nothing past the checkpoint was acknowledged".into(),
+                Some(c) if !crate::postgres::sqlstate_is_retryable(c) => "this error does not pass by retrying: fix its cause (see the server's message), then run again; `slotstream check` diagnoses most of them".into(),
                 _ => "slotstream reconnects by itself on transient failures; if this persists run `slotstream check`".into(),
             },
             SourceError::UnsupportedServer { .. } => format!(
@@ -127,5 +142,53 @@ impl SourceError {
             SourceError::UnexpectedReply { .. } => "this is a bug or an unsupported server version: report it".into(),
             SourceError::Copy(_) => "the full sync restarts from the beginning on the next attempt".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str) -> SourceError {
+        SourceError::Replication(PgWireError::Server(format!(
+            "ERROR: something (SQLSTATE {code})"
+        )))
+    }
+
+    #[test]
+    fn replication_errors_are_classified_by_their_sqlstate() {
+        for code in [
+            "57P01", "57P02", "57P03", "08006", "53300", "40001", "40P01", "55006",
+        ] {
+            assert!(server(code).is_retryable(), "{code} must be retried");
+        }
+        for code in [
+            "22012", "42501", "42703", "42704", "55000", "58P01", "XX000",
+        ] {
+            assert!(!server(code).is_retryable(), "{code} must be fatal");
+        }
+        assert!(server("22012").hint().contains("[mapping] filter"));
+        let io = SourceError::Replication(PgWireError::Io(std::sync::Arc::new(
+            std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+        )));
+        assert!(io.is_retryable(), "a lost connection is retried");
+        let tls = SourceError::Replication(PgWireError::Tls("bad certificate".into()));
+        assert!(!tls.is_retryable(), "a TLS failure is fatal");
+    }
+
+    #[test]
+    fn a_slot_that_is_not_ours_is_fatal_and_a_busy_one_of_ours_is_retried() {
+        let not_ours = SourceError::SlotNotOurs {
+            slot: "s".into(),
+            owner: "it is a physical slot".into(),
+        };
+        assert!(!not_ours.is_retryable());
+        assert!(not_ours.hint().contains("[source] slot"));
+        assert!(not_ours.hint().contains("pg_drop_replication_slot('s')"));
+        let busy = SourceError::SlotBusy {
+            slot: "s".into(),
+            pid: 42,
+        };
+        assert!(busy.is_retryable());
     }
 }

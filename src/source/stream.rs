@@ -18,7 +18,16 @@
 //!   the consistent point, and `START_REPLICATION … 0/0` then streams exactly the commits after.
 //!
 //! The session pins `DateStyle=ISO`, `TimeZone=UTC`, `IntervalStyle=postgres`,
-//! `extra_float_digits=3` through the startup options, so text cells decode deterministically.
+//! `extra_float_digits=3` through the startup options, so text cells decode deterministically,
+//! and the same timeouts as the control connections (`SESSION_OPTIONS`): the session that
+//! exported a full sync's snapshot idles in a transaction until the COPY has ended, and a
+//! role's `idle_in_transaction_session_timeout` (or, from PostgreSQL 17, `transaction_timeout`)
+//! would end it mid-sync.
+//!
+//! Ownership: slotstream creates the pipeline's slot and may drop and create it again only
+//! while it is provably this pipeline's, a `pgoutput` logical slot of this database that no
+//! other process holds ([`check_slot`]). Any other slot of the configured name (physical,
+//! another plugin, another database, held by another consumer) is left alone with an error.
 
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
 use secrecy::ExposeSecret;
@@ -28,7 +37,7 @@ use tokio_postgres::types::PgLsn;
 use super::SourceError;
 use crate::Lsn;
 use crate::config::{SourceConfig, SslMode};
-use crate::postgres::{PgError, SESSION_OPTIONS, version};
+use crate::postgres::{PgError, SESSION_OPTIONS, UNSET_NEWER_TIMEOUTS, version};
 
 /// How often the session reports the acknowledged position to the server, at most.
 const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
@@ -73,7 +82,7 @@ pub fn replication_config(
     .with_start_lsn(start_lsn)
     .with_ack_lsn(ack_lsn)
     .with_options(SESSION_OPTIONS)
-    .with_application_name(format!("slotstream/{pipeline}"))
+    .with_application_name(application_name(pipeline))
     // Standby status updates at most this often. Short, because two waits depend on it: the
     // final acknowledgement before a session closes (`--once` waits for it to be sent), and the
     // walsender's next keepalive after a ping, which it sends only once we replied; each
@@ -98,15 +107,34 @@ pub struct SlotInfo {
     pub wal_status: Option<String>,
     /// Position the server may discard WAL before.
     pub confirmed_flush_lsn: Option<Lsn>,
+    /// Why the server invalidated the slot (PostgreSQL 17+), if it did.
+    pub invalidation_reason: Option<String>,
+    /// `application_name` of the process using it, if any.
+    pub active_application: Option<String>,
+    /// Where that process connects from (an address, or `local socket`), if visible.
+    pub active_client: Option<String>,
+}
+
+impl SlotInfo {
+    /// Whether the slot can no longer stream because the server invalidated it.
+    pub fn is_invalidated(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost") || self.invalidation_reason.is_some()
+    }
 }
 
 /// Reads the slot's row, if it exists.
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, PgError> {
     let row = client
         .query_opt(
-            "SELECT slot_type, plugin::text, database::text, active_pid, wal_status,
-                    confirmed_flush_lsn
-               FROM pg_replication_slots WHERE slot_name = $1",
+            // `invalidation_reason` exists from PostgreSQL 17: read through to_jsonb, it is
+            // NULL on servers without it.
+            "SELECT s.slot_type, s.plugin::text, s.database::text, s.active_pid, s.wal_status,
+                    s.confirmed_flush_lsn, to_jsonb(s) ->> 'invalidation_reason',
+                    a.application_name::text,
+                    CASE WHEN a.client_addr IS NOT NULL THEN host(a.client_addr)
+                         WHEN a.pid IS NOT NULL AND a.client_port = -1 THEN 'local socket' END
+               FROM pg_replication_slots s LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid
+              WHERE s.slot_name = $1",
             &[&slot],
         )
         .await
@@ -120,56 +148,98 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         confirmed_flush_lsn: r
             .get::<_, Option<PgLsn>>(5)
             .map(|l| Lsn::from_u64(u64::from(l))),
+        invalidation_reason: r.get(6),
+        active_application: r.get(7),
+        active_client: r.get(8),
     }))
 }
 
-/// Checks that an existing slot can carry this pipeline's stream.
-pub fn check_slot(slot: &str, info: &SlotInfo, database: &str) -> Result<(), SourceError> {
-    let unusable = |reason: String| SourceError::SlotUnusable {
+/// The `application_name` of this pipeline's walsenders.
+pub fn application_name(pipeline: &str) -> String {
+    format!("slotstream/{pipeline}")
+}
+
+/// Checks that an existing slot is this pipeline's and can carry its stream.
+///
+/// - `SlotNotOurs` (fatal): a physical slot, another plugin, another database, or a slot held by
+///   a process that is not one of this pipeline's walsenders. slotstream never drops, recreates
+///   or reads such a slot.
+/// - `SlotBusy` (retried): held by a walsender of this pipeline that the server has not ended
+///   yet (the caller holds the pipeline lock, so it is an earlier session's).
+/// - `SlotUnusable` (fatal for the stream): ours, but invalidated by the server; only a full
+///   sync may drop it and create it again.
+pub fn check_slot(
+    slot: &str,
+    info: &SlotInfo,
+    database: &str,
+    pipeline: &str,
+) -> Result<(), SourceError> {
+    let not_ours = |owner: String| SourceError::SlotNotOurs {
         slot: slot.to_owned(),
-        reason,
+        owner,
     };
     if info.slot_type != "logical" {
-        return Err(unusable(format!("it is a {} slot", info.slot_type)));
+        return Err(not_ours(format!(
+            "it is a {} slot (a standby or a backup tool's), not a logical one",
+            info.slot_type
+        )));
     }
     if info.plugin.as_deref() != Some("pgoutput") {
-        return Err(unusable(format!(
-            "its output plugin is {:?}, not pgoutput",
-            info.plugin.as_deref().unwrap_or("none")
+        return Err(not_ours(format!(
+            "it is a logical slot of the output plugin {}, not pgoutput",
+            info.plugin.as_deref().unwrap_or("(none)")
         )));
     }
     if info.database.as_deref() != Some(database) {
-        return Err(unusable(format!(
-            "it belongs to database {:?}",
-            info.database.as_deref().unwrap_or("none")
+        return Err(not_ours(format!(
+            "it belongs to database {:?}, not {database:?}",
+            info.database.as_deref().unwrap_or("(none)")
         )));
     }
-    if info.wal_status.as_deref() == Some("lost") {
-        return Err(unusable(
-            "the server removed WAL it still needed (wal_status = lost, see max_slot_wal_keep_size)"
-                .into(),
-        ));
-    }
     if let Some(pid) = info.active_pid {
-        return Err(SourceError::SlotBusy {
+        if info.active_application.as_deref() == Some(application_name(pipeline).as_str()) {
+            return Err(SourceError::SlotBusy {
+                slot: slot.to_owned(),
+                pid,
+            });
+        }
+        let mut by = format!("it is in use by process {pid}");
+        match &info.active_application {
+            Some(app) if !app.is_empty() => by.push_str(&format!(" (application_name {app:?}")),
+            _ => by.push_str(" (no application_name"),
+        }
+        if let Some(client) = &info.active_client {
+            by.push_str(&format!(", from {client}"));
+        }
+        by.push(')');
+        return Err(not_ours(by));
+    }
+    if info.is_invalidated() {
+        let why = match &info.invalidation_reason {
+            Some(reason) => format!("the server invalidated it ({reason})"),
+            None => "the server removed WAL it still needed (wal_status = lost, see max_slot_wal_keep_size)".into(),
+        };
+        return Err(SourceError::SlotUnusable {
             slot: slot.to_owned(),
-            pid,
+            reason: why,
         });
     }
     Ok(())
 }
 
-/// Drops the slot (it must be inactive).
-pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), PgError> {
-    client
+/// Drops the slot, only if it is still a `pgoutput` logical slot of this database that no
+/// process holds (what [`check_slot`] found before); returns whether it did.
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, PgError> {
+    let dropped = client
         .execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-              WHERE slot_name = $1",
+              WHERE slot_name = $1 AND slot_type = 'logical' AND plugin = 'pgoutput'
+                AND database = current_database() AND NOT active",
             &[&slot],
         )
         .await
         .map_err(|e| PgError::query(format!("dropping replication slot {slot}"), e))?;
-    Ok(())
+    Ok(dropped > 0)
 }
 
 /// A slot just created with an exported snapshot, on a gated session that has not started
@@ -247,6 +317,8 @@ async fn create_with_snapshot(
             command: "SHOW server_version_num",
             detail: "no version number".into(),
         })?;
+    // This session idles in the snapshot's transaction until the COPY has ended.
+    session.simple_query(UNSET_NEWER_TIMEOUTS).await?;
     let rows = session
         .simple_query(&version::create_slot_command(slot, temporary, version))
         .await?;
