@@ -1,8 +1,10 @@
 //! Where changes come from: the full sync (`snapshot`, an exported snapshot read with COPY) and
-//! the replication stream (`stream`, a walsender session on pgwire-replication).
+//! the replication stream (`stream`, a walsender session on pgwire-replication, whose TLS
+//! `tls` sets up with libpq's semantics).
 
 pub mod snapshot;
 pub mod stream;
+pub mod tls;
 
 use pgwire_replication::PgWireError;
 
@@ -81,7 +83,10 @@ impl SourceError {
                         || code.starts_with("57")
                         || code == "55006"
                 }
-                None => e.is_transient(),
+                // A TLS failure of the session comes after a probe of the same server passed
+                // (`tls`): a changed certificate or a broken handshake. The next attempt probes
+                // again and stops there, fatally, if the configuration is wrong.
+                None => e.is_transient() || e.is_tls(),
             },
             SourceError::SlotBusy { .. } => true,
             SourceError::Copy(_) => true,
@@ -109,6 +114,7 @@ impl SourceError {
                 Some("42704") => "the publication or slot named in the config does not exist: run `slotstream check`".into(),
                 Some("55000") => "the server refused logical replication: check wal_level = logical and the slot's state with `slotstream check`".into(),
                 Some(c) if c.starts_with("28") => "check source.user, the password and pg_hba.conf (a replication connection needs a matching `host` line for the database)".into(),
+                None if e.is_tls() => "the replication connection's TLS handshake failed although the same checks passed a moment before; slotstream retries, and if this persists run `slotstream check`".into(),
                 _ => "slotstream reconnects by itself on transient failures; if this persists run `slotstream check`".into(),
             },
             SourceError::UnexpectedReply { .. } => "this is a bug or an unsupported server version: report it".into(),
