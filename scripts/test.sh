@@ -26,6 +26,7 @@ command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
     echo "installing: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -49,4 +49,5 @@ mod stream_row_filter_turns_leaving_rows_into_deletes;
 mod stream_rows_without_identifier_are_dead_lettered;
 mod stream_truncate_produces_no_events;
 mod stream_values_match_to_jsonb;
+mod tls_follows_libpq_sslmode;
 mod value_matches_to_jsonb;

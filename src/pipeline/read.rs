@@ -108,7 +108,8 @@ impl Reader<'_> {
                         .await?;
                         let ack = *self.ack_rx.borrow();
                         let cfg =
-                            stream::replication_config(src, &self.config.name, snapshot_lsn, ack);
+                            stream::replication_config(src, &self.config.name, snapshot_lsn, ack)
+                                .await?;
                         let session = ReplicationClient::connect(cfg)
                             .await
                             .map_err(SourceError::from)?;
@@ -124,7 +125,8 @@ impl Reader<'_> {
                             &self.config.name,
                             Lsn::ZERO,
                             Lsn::ZERO,
-                        );
+                        )
+                        .await?;
                         let exported = stream::create_slot_with_snapshot(cfg, &src.slot).await?;
                         state::begin_full_sync(
                             &self.control,
@@ -163,7 +165,8 @@ impl Reader<'_> {
                     }
                 }
                 let cfg =
-                    stream::replication_config(src, &self.config.name, checkpoint, checkpoint);
+                    stream::replication_config(src, &self.config.name, checkpoint, checkpoint)
+                        .await?;
                 let session = ReplicationClient::connect(cfg)
                     .await
                     .map_err(SourceError::from)?;
@@ -221,7 +224,7 @@ impl Reader<'_> {
         let src = &self.config.source;
         let name = &self.config.name;
         let temporary = stream::snapshot_slot_name(&src.slot);
-        let cfg = stream::replication_config(src, name, Lsn::ZERO, Lsn::ZERO);
+        let cfg = stream::replication_config(src, name, Lsn::ZERO, Lsn::ZERO).await?;
         let exported = match stream::create_temporary_slot_with_snapshot(cfg, &temporary).await {
             Ok(exported) => exported,
             Err(SourceError::Replication(e)) if crate::source::sqlstate(&e) == Some("53400") => {
@@ -242,7 +245,7 @@ impl Reader<'_> {
         // The imported snapshot belongs to this transaction now: the temporary slot can go.
         drop(exported.session);
         tracing::info!(slot = %src.slot, from = %checkpoint, to = %snapshot_lsn, "delivering the slot's changes up to the full sync's snapshot");
-        let cfg = stream::replication_config(src, name, checkpoint, checkpoint);
+        let cfg = stream::replication_config(src, name, checkpoint, checkpoint).await?;
         let mut session = ReplicationClient::connect(cfg)
             .await
             .map_err(SourceError::from)?;

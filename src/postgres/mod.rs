@@ -84,12 +84,14 @@ pub enum PgError {
         /// The SQLSTATE, if the server answered.
         code: Option<SqlState>,
     },
-    /// TLS could not be set up as configured.
+    /// TLS could not be set up as configured: fatal, reconnecting cannot fix it.
     #[error("cannot set up TLS ({mode}): {detail}")]
     Tls {
         /// The configured sslmode.
         mode: &'static str,
-        /// What went wrong.
+        /// Why, for the hint.
+        cause: tls::TlsCause,
+        /// What went wrong, in words.
         detail: String,
     },
     /// A statement failed.
@@ -162,9 +164,7 @@ impl PgError {
     pub fn hint(&self) -> String {
         let code = self.code().map(SqlState::code).unwrap_or("");
         match (self, code) {
-            (PgError::Tls { .. }, _) => {
-                "check source.sslmode and source.sslrootcert; `sslmode = \"disable\"` only on a trusted network".into()
-            }
+            (PgError::Tls { cause, .. }, _) => cause.hint().into(),
             (_, "28P01") | (_, "28000") => {
                 "check source.user and the password (password_env / password_file / password), and pg_hba.conf on the server".into()
             }
@@ -238,11 +238,13 @@ pub struct Connection {
 /// settings and `application_name = slotstream/<pipeline>`.
 pub async fn connect(source: &SourceConfig, pipeline: &str) -> Result<Connection, PgError> {
     let cfg = pg_config(source, &format!("slotstream/{pipeline}"));
-    let connect_err = |e: tokio_postgres::Error| PgError::Connect {
-        target: target(source),
-        user: source.user.clone(),
-        detail: describe(&e),
-        code: e.code().cloned(),
+    let connect_err = |e: tokio_postgres::Error| {
+        tls::control_failure(source, &e).unwrap_or_else(|| PgError::Connect {
+            target: target(source),
+            user: source.user.clone(),
+            detail: describe(&e),
+            code: e.code().cloned(),
+        })
     };
     if source.sslmode == SslMode::Disable || source.host.starts_with('/') {
         let (client, connection) = cfg
@@ -416,6 +418,7 @@ mod tests {
         assert!(lost.is_retryable());
         let tls = PgError::Tls {
             mode: "verify-full",
+            cause: tls::TlsCause::Untrusted,
             detail: "bad certificate".into(),
         };
         assert!(!tls.is_retryable());

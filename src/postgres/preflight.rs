@@ -37,6 +37,7 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use super::catalog::Table;
+use super::tls::{TlsCause, Verification, verification};
 use super::version::{MIN_SUPPORTED, PG15, PG18, SUPPORTED_RANGE};
 use super::{PgError, connect, quote_ident, quote_literal, quote_qualified, target};
 use crate::config::{Config, SslMode};
@@ -242,6 +243,24 @@ fn report_connect_failure(report: &mut Report, config: &Config, e: &PgError) {
     let user = quote_ident(&src.user);
     let where_ = target(src);
     match e {
+        PgError::Tls {
+            cause: TlsCause::NotOffered,
+            ..
+        } => report.fail(
+            format!(
+                "the server at {where_} does not offer TLS, but sslmode = {} needs an encrypted connection",
+                src.sslmode.as_str()
+            ),
+            vec![
+                Fix::Sql("ALTER SYSTEM SET ssl = on;".into()),
+                Fix::Step(
+                    "give the server a certificate (ssl_cert_file, ssl_key_file), then reload it with SELECT pg_reload_conf();".into(),
+                ),
+                Fix::Step(
+                    "or, on a trusted network only, set sslmode = \"prefer\" under [source]".into(),
+                ),
+            ],
+        ),
         PgError::Tls { detail, .. } => report.fail(
             format!(
                 "TLS cannot be set up for sslmode = {}: {detail}",
@@ -283,33 +302,12 @@ fn report_connect_failure(report: &mut Report, config: &Config, e: &PgError) {
                     format!("cannot connect to {where_} as {user}: {detail}"),
                     vec![Fix::Step(e.hint())],
                 ),
-                None if tls_required && detail.contains("does not support TLS") => report.fail(
-                    format!(
-                        "the server at {where_} does not offer TLS, but sslmode = {} needs an encrypted connection",
-                        src.sslmode.as_str()
-                    ),
-                    vec![
-                        Fix::Sql("ALTER SYSTEM SET ssl = on;".into()),
-                        Fix::Step(
-                            "give the server a certificate (ssl_cert_file, ssl_key_file), then reload it with SELECT pg_reload_conf();".into(),
-                        ),
-                        Fix::Step(
-                            "or, on a trusted network only, set sslmode = \"prefer\" under [source]".into(),
-                        ),
-                    ],
-                ),
                 None if tls_required && detail.contains("TLS") => report.fail(
                     format!(
                         "the TLS handshake with {where_} failed (sslmode = {}): {detail}",
                         src.sslmode.as_str()
                     ),
-                    vec![Fix::Step(
-                        PgError::Tls {
-                            mode: src.sslmode.as_str(),
-                            detail: String::new(),
-                        }
-                        .hint(),
-                    )],
+                    vec![Fix::Step(TlsCause::Handshake.hint().into())],
                 ),
                 None => report.fail(
                     format!("cannot reach PostgreSQL at {where_}: {detail}"),
@@ -448,11 +446,11 @@ impl Ctx<'_> {
                     "to insist on encryption, enable ssl on the server and set sslmode = \"require\" or \"verify-full\" under [source]".into(),
                 )],
             ),
-            (mode_cfg, true) => {
-                let verified = match mode_cfg {
-                    SslMode::VerifyCa => ", certificate chain verified",
-                    SslMode::VerifyFull => ", certificate chain and host name verified",
-                    _ => "",
+            (_, true) => {
+                let verified = match verification(src) {
+                    Verification::None => "",
+                    Verification::Chain => ", certificate chain verified",
+                    Verification::ChainAndName => ", certificate chain and host name verified",
                 };
                 self.report.pass(format!(
                     "the connection is encrypted with TLS (sslmode = {mode}{verified})"

@@ -1,8 +1,10 @@
 //! Where changes come from: the full sync (`snapshot`, an exported snapshot read with COPY) and
-//! the replication stream (`stream`, a walsender session on pgwire-replication).
+//! the replication stream (`stream`, a walsender session on pgwire-replication, whose TLS
+//! `tls` sets up with libpq's semantics).
 
 pub mod snapshot;
 pub mod stream;
+pub mod tls;
 
 use pgwire_replication::PgWireError;
 
@@ -97,7 +99,10 @@ impl SourceError {
             SourceError::Replication(e) => match sqlstate(e) {
                 // connection exceptions, resource limits, admin/crash shutdown, object in use
                 Some(code) => crate::postgres::sqlstate_is_retryable(code),
-                None => e.is_transient(),
+                // A TLS failure of the session comes after a probe of the same server passed
+                // (`tls`): a changed certificate or a broken handshake. The next attempt probes
+                // again and stops there, fatally, if the configuration is wrong.
+                None => e.is_transient() || e.is_tls(),
             },
             SourceError::SlotBusy { .. } => true,
             SourceError::Copy(_) => true,
@@ -133,6 +138,7 @@ impl SourceError {
                 Some(c) if c.starts_with("28") => "check source.user, the password and pg_hba.conf (a replication connection needs a matching `host` line for the database)".into(),
                 Some(c) if c.starts_with("22") => "the publication's row filter fails on a row, and will on every retry: make `[mapping] filter` valid for every row (e.g. guard a division with NULLIF), set the same filter on the publication (ALTER PUBLICATION … SET TABLE … WHERE (…)), then run again; nothing past the checkpoint was acknowledged".into(),
                 Some(c) if !crate::postgres::sqlstate_is_retryable(c) => "this error does not pass by retrying: fix its cause (see the server's message), then run again; `slotstream check` diagnoses most of them".into(),
+                None if e.is_tls() => "the replication connection's TLS handshake failed although the same checks passed a moment before; slotstream retries, and if this persists run `slotstream check`".into(),
                 _ => "slotstream reconnects by itself on transient failures; if this persists run `slotstream check`".into(),
             },
             SourceError::UnsupportedServer { .. } => format!(

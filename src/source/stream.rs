@@ -29,47 +29,34 @@
 //! other process holds ([`check_slot`]). Any other slot of the configured name (physical,
 //! another plugin, another database, held by another consumer) is left alone with an error.
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
+use pgwire_replication::{ReplicationClient, ReplicationConfig};
 use secrecy::ExposeSecret;
 use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
 
 use super::SourceError;
 use crate::Lsn;
-use crate::config::{SourceConfig, SslMode};
+use crate::config::SourceConfig;
 use crate::postgres::{PgError, SESSION_OPTIONS, UNSET_NEWER_TIMEOUTS, version};
 
 /// How often the session reports the acknowledged position to the server, at most.
 const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Builds the walsender session's configuration.
-pub fn replication_config(
+/// Builds the walsender session's configuration. With an sslmode that requires TLS this
+/// probes the server first (`source::tls`): a TLS configuration error is returned here, fatal.
+pub async fn replication_config(
     source: &SourceConfig,
     pipeline: &str,
     start_lsn: Lsn,
     ack_lsn: Lsn,
-) -> ReplicationConfig {
+) -> Result<ReplicationConfig, PgError> {
     let password = source
         .password
         .as_ref()
         .map(|p| p.expose_secret().to_owned())
         .unwrap_or_default();
-    let tls = match source.sslmode {
-        SslMode::Disable => TlsConfig::disabled(),
-        SslMode::Prefer => TlsConfig {
-            mode: pgwire_replication::SslMode::Prefer,
-            ..TlsConfig::default()
-        },
-        SslMode::Require => TlsConfig::require(),
-        SslMode::VerifyCa => TlsConfig::verify_ca(source.sslrootcert.clone()),
-        SslMode::VerifyFull => TlsConfig::verify_full(source.sslrootcert.clone()),
-    };
-    let tls = if source.host.starts_with('/') {
-        TlsConfig::disabled()
-    } else {
-        tls
-    };
-    ReplicationConfig::new(
+    let tls = super::tls::session_tls(source).await?;
+    Ok(ReplicationConfig::new(
         source.host.clone(),
         source.user.clone(),
         password,
@@ -89,7 +76,7 @@ pub fn replication_config(
     // update is one small message.
     .with_status_interval(STATUS_INTERVAL)
     .with_wakeup_interval(std::time::Duration::from_secs(5))
-    .with_buffer_size(8192)
+    .with_buffer_size(8192))
 }
 
 /// What `pg_replication_slots` says of the pipeline's slot.
