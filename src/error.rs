@@ -54,6 +54,15 @@ pub enum Error {
     /// A task of slotstream itself failed (a bug).
     #[error("internal error: {0}")]
     Internal(String),
+    /// `run` found a requirement that `check` verifies unmet, such as a publication that no
+    /// longer publishes what the mapping needs: `check`'s line, with its fix.
+    #[error("{message}")]
+    Requirement {
+        /// The line `check` prints for it.
+        message: String,
+        /// The fix, as `check` prints it under that line (indented, one step per line).
+        fix: String,
+    },
     /// The table cannot be mapped to events as configured.
     #[error("{message}")]
     Mapping {
@@ -75,6 +84,7 @@ impl Error {
             Error::Config(_)
             | Error::PreflightFailed { .. }
             | Error::Decode(_)
+            | Error::Requirement { .. }
             | Error::Mapping { .. } => false,
         }
     }
@@ -91,6 +101,9 @@ impl Error {
                 "this is a bug or an unsupported server: report it with the message above; nothing was acknowledged, so a fixed version resumes without loss".into()
             }
             Error::Mapping { hint, .. } => hint.clone(),
+            Error::Requirement { fix, .. } => format!(
+                "slotstream stopped before acknowledging anything it did not deliver; fix it, then start slotstream again:\n{fix}"
+            ),
             Error::Source(e) => e.hint(),
             Error::Sink(e) => e.hint(),
             Error::Internal(_) => "this is a bug: report it with the message above; nothing unconfirmed was acknowledged".into(),
@@ -101,7 +114,9 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) => exit::CONFIG,
-            Error::PreflightFailed { .. } | Error::Mapping { .. } => exit::PREFLIGHT,
+            Error::PreflightFailed { .. } | Error::Mapping { .. } | Error::Requirement { .. } => {
+                exit::PREFLIGHT
+            }
             Error::Postgres(_)
             | Error::Decode(_)
             | Error::Source(_)

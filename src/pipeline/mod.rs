@@ -38,6 +38,7 @@ use crate::decode::pgoutput::{Cell, LogicalMessage, PgoutputDecoder, TupleData};
 use crate::decode::relation::RelationCache;
 use crate::decode::value::TypeCatalog;
 use crate::error::Error;
+use crate::postgres::preflight::Verifier;
 use crate::postgres::state::{self, CheckpointCommit, DeadLetter, FullSyncState};
 use crate::postgres::{self, PgError, catalog, quote_qualified};
 use crate::sink::{self, Sink};
@@ -278,6 +279,11 @@ async fn run_session(
         None
     };
 
+    // What the slot sends must cover what the mapping needs, before anything is read: checked
+    // again on Relation messages and before every checkpoint.
+    let verifier = Arc::new(Verifier::prepare(&mut control, config).await?);
+    verifier.verify(&control, full_sync_reason.is_none()).await?;
+
     let (tx, rx) = mpsc::channel::<Vec<Item>>(CHANNEL_CHUNKS);
     let (ack_tx, ack_rx) = watch::channel(checkpoint.lsn);
     let deliverer_control = connect_control(config).await?;
@@ -288,6 +294,7 @@ async fn run_session(
     };
     let pipeline_name = config.name.clone();
     let start_lsn = checkpoint.lsn;
+    let deliverer_verifier = verifier.clone();
     let deliverer = tokio::spawn(async move {
         let mut sink = sink.lock().await;
         let mut d = Deliverer {
@@ -300,6 +307,7 @@ async fn run_session(
             last_checkpoint: Instant::now(),
             stretch: Stretch::new(start_lsn),
             ack: ack_tx,
+            verifier: deliverer_verifier,
         };
         d.run(&mut **sink, rx).await
     });
@@ -316,6 +324,7 @@ async fn run_session(
         out: Outbox::new(tx),
         ack_rx,
         shutdown,
+        verifier,
     };
     let read_result = reader
         .run(full_sync_reason, slot, checkpoint.lsn, &hash, *once_target)

@@ -12,6 +12,8 @@ pub(super) struct Reader<'a> {
     pub(super) out: Outbox,
     pub(super) ack_rx: watch::Receiver<Lsn>,
     pub(super) shutdown: watch::Receiver<bool>,
+    /// Checks that the publication covers what the mapping needs.
+    pub(super) verifier: Arc<Verifier>,
 }
 
 /// Why the reader stopped without an error.
@@ -343,6 +345,12 @@ impl Reader<'_> {
         Ok(Ok(()))
     }
 
+    /// Checks that the publication still covers what the mapping needs (a Relation message of
+    /// the followed table says its definition, or the publication's, may have changed).
+    pub(super) async fn verify_publication(&self) -> Result<(), Error> {
+        self.verifier.verify(&self.control, true).await
+    }
+
     /// An identify event for a row, or a dead letter when it has no identifier.
     pub(super) fn row_item(
         &self,
@@ -469,6 +477,7 @@ impl Reader<'_> {
                             let rel_id = body.rel_id;
                             let change = relations.apply(body);
                             if is_ours {
+                                self.verify_publication().await?;
                                 let Some(rel) = relations.get(rel_id) else {
                                     continue;
                                 };

@@ -44,6 +44,9 @@ use crate::transform::mapping::Projection;
 
 mod publication;
 mod table;
+mod verify;
+
+pub use verify::Verifier;
 
 /// The schema holding slotstream's state (DESIGN.md §6); its name is fixed.
 pub const STATE_SCHEMA: &str = "_rudderstack";
