@@ -51,10 +51,13 @@ async fn run_refuses_a_publication_without_updates() {
     fx.db
         .connect()
         .await
-        .batch_execute(&format!("ALTER PUBLICATION \"{p}\" SET (publish = 'insert')"))
+        .batch_execute(&format!(
+            "ALTER PUBLICATION \"{p}\" SET (publish = 'insert')"
+        ))
         .await
         .unwrap();
-    let expected = format!("publication \"{p}\" publishes insert, but upsert mode needs update too");
+    let expected =
+        format!("publication \"{p}\" publishes insert, but upsert mode needs update too");
     assert_refused_at_start(&fx, &expected).await;
     let (_, _, err) = fx.slotstream("run", &["--once"]);
     assert!(

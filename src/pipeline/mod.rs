@@ -282,7 +282,9 @@ async fn run_session(
     // What the slot sends must cover what the mapping needs, before anything is read: checked
     // again on Relation messages and before every checkpoint.
     let verifier = Arc::new(Verifier::prepare(&mut control, config).await?);
-    verifier.verify(&control, full_sync_reason.is_none()).await?;
+    verifier
+        .verify(&control, full_sync_reason.is_none())
+        .await?;
 
     let (tx, rx) = mpsc::channel::<Vec<Item>>(CHANNEL_CHUNKS);
     let (ack_tx, ack_rx) = watch::channel(checkpoint.lsn);

@@ -72,6 +72,27 @@ impl Table {
         self.partitions.is_some()
     }
 
+    /// Makes a partitioned table's replica identity the one its leaves share: pgoutput sends
+    /// the old row of an update or delete by the identity of the leaf the row is in.
+    fn apply_partitions(&mut self, leaves: Vec<Partition>) {
+        for col in &mut self.columns {
+            col.replica_identity = !leaves.is_empty()
+                && leaves
+                    .iter()
+                    .all(|p| p.identity_columns.contains(&col.name));
+        }
+        self.replica_identity = if leaves.is_empty() {
+            self.replica_identity
+        } else if leaves.iter().all(|p| p.replica_identity == 'f') {
+            'f'
+        } else if leaves.iter().any(|p| p.identity_columns.is_empty()) {
+            'n'
+        } else {
+            'd'
+        };
+        self.partitions = Some(leaves);
+    }
+
     /// Column names, comma-separated, for messages.
     pub fn column_list(&self) -> String {
         self.columns
@@ -149,29 +170,6 @@ pub async fn table(client: &Client, schema: &str, name: &str) -> Result<Option<T
     Ok(Some(table))
 }
 
-impl Table {
-    /// Makes a partitioned table's replica identity the one its leaves share: pgoutput sends
-    /// the old row of an update or delete by the identity of the leaf the row is in.
-    fn apply_partitions(&mut self, leaves: Vec<Partition>) {
-        for col in &mut self.columns {
-            col.replica_identity = !leaves.is_empty()
-                && leaves
-                    .iter()
-                    .all(|p| p.identity_columns.iter().any(|c| *c == col.name));
-        }
-        self.replica_identity = if leaves.is_empty() {
-            self.replica_identity
-        } else if leaves.iter().all(|p| p.replica_identity == 'f') {
-            'f'
-        } else if leaves.iter().any(|p| p.identity_columns.is_empty()) {
-            'n'
-        } else {
-            'd'
-        };
-        self.partitions = Some(leaves);
-    }
-}
-
 /// The leaf partitions of the partitioned table `oid`, with their replica identities, and the
 /// row estimate summed over them (-1 when none was ever analyzed).
 async fn partitions(client: &Client, oid: u32) -> Result<(Vec<Partition>, i64), PgError> {
@@ -214,4 +212,69 @@ async fn partitions(client: &Client, oid: u32) -> Result<(Vec<Partition>, i64), 
         })
         .collect();
     Ok((leaves, estimate))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(name: &str) -> Column {
+        Column {
+            name: name.into(),
+            type_oid: 25,
+            type_name: "text".into(),
+            primary_key: false,
+            replica_identity: false,
+            toastable: true,
+        }
+    }
+
+    fn leaf(name: &str, identity: char, columns: &[&str]) -> Partition {
+        Partition {
+            schema: "public".into(),
+            name: name.into(),
+            replica_identity: identity,
+            identity_columns: columns.iter().map(|c| (*c).to_owned()).collect(),
+        }
+    }
+
+    fn parent() -> Table {
+        Table {
+            oid: 1,
+            schema: "public".into(),
+            name: "users".into(),
+            columns: vec![column("id"), column("region"), column("user_id")],
+            replica_identity: 'f',
+            estimated_rows: -1,
+            partitions: None,
+        }
+    }
+
+    #[test]
+    fn a_partitioned_tables_identity_is_what_every_leaf_has() {
+        let mut t = parent();
+        t.apply_partitions(vec![
+            leaf("users_eu", 'f', &["id", "region", "user_id"]),
+            leaf("users_us", 'd', &["id", "region"]),
+        ]);
+        assert!(t.is_partitioned());
+        assert_eq!(
+            t.replica_identity, 'd',
+            "the parent's own FULL does not count"
+        );
+        let ri: Vec<bool> = t.columns.iter().map(|c| c.replica_identity).collect();
+        assert_eq!(ri, [true, true, false]);
+
+        let mut t = parent();
+        t.apply_partitions(vec![leaf("users_eu", 'f', &["id", "region", "user_id"])]);
+        assert_eq!(t.replica_identity, 'f');
+
+        let mut t = parent();
+        t.apply_partitions(vec![
+            leaf("users_eu", 'f', &["id", "region", "user_id"]),
+            leaf("users_us", 'n', &[]),
+        ]);
+        assert_eq!(t.replica_identity, 'n');
+        assert!(t.columns.iter().all(|c| !c.replica_identity));
+    }
 }

@@ -433,7 +433,13 @@ impl Ctx<'_> {
             let more = if ps.len() > 5 { ", …" } else { "" };
             format!("{}{more}", shown.join(", "))
         };
-        let plural = |ps: &[&Partition]| if ps.len() == 1 { "partition" } else { "partitions" };
+        let plural = |ps: &[&Partition]| {
+            if ps.len() == 1 {
+                "partition"
+            } else {
+                "partitions"
+            }
+        };
         let without: Vec<&Partition> = leaves
             .iter()
             .filter(|p| p.identity_columns.is_empty())
@@ -518,8 +524,10 @@ pub(super) fn replica_identity_full_fixes(table: &Table) -> Vec<Fix> {
             quote_qualified(&table.schema, &table.name)
         ))],
         Some(leaves) => {
-            let not_full: Vec<&Partition> =
-                leaves.iter().filter(|p| p.replica_identity != 'f').collect();
+            let not_full: Vec<&Partition> = leaves
+                .iter()
+                .filter(|p| p.replica_identity != 'f')
+                .collect();
             let root = quote_qualified(&table.schema, &table.name);
             let mut fixes = full_fixes(&root, &not_full);
             fixes.push(Fix::Step(LATER_PARTITIONS.into()));
