@@ -17,6 +17,11 @@
 //!    the whole session is rebuilt from the stored state, never from memory.
 //! 4. The channel blocks when full, so memory is bounded by its capacity plus one batch,
 //!    whatever the transaction, table or window size.
+//! 5. What the slot sends covers what the mapping needs: the publication is verified with the
+//!    code `check` uses ([`Verifier`]) at session start, on each Relation message of the
+//!    followed table, and before every checkpoint. pgoutput silently withholds the changes a
+//!    publication does not cover (a table dropped from it sends nothing at all), so a mismatch
+//!    stops the pipeline (exit 3) before the checkpoint can pass a withheld change.
 //!
 //! One shutdown path: SIGTERM or Ctrl-C stops the reader; the deliverer drains the channel,
 //! delivers, checkpoints, and the final position is acknowledged before exit.
