@@ -62,6 +62,15 @@ pub enum Error {
         /// Who runs it, in words.
         holder: String,
     },
+    /// `run` found a requirement that `check` verifies unmet, such as a publication that no
+    /// longer publishes what the mapping needs: `check`'s line, with its fix.
+    #[error("{message}")]
+    Requirement {
+        /// The line `check` prints for it.
+        message: String,
+        /// The fix, as `check` prints it under that line (indented, one step per line).
+        fix: String,
+    },
     /// The table cannot be mapped to events as configured.
     #[error("{message}")]
     Mapping {
@@ -83,6 +92,7 @@ impl Error {
             Error::Config(_)
             | Error::PreflightFailed { .. }
             | Error::Decode(_)
+            | Error::Requirement { .. }
             | Error::Mapping { .. } => false,
         }
     }
@@ -102,6 +112,9 @@ impl Error {
             Error::AlreadyRunning { .. } => {
                 "one `slotstream run` per pipeline: stop the running one first (SIGTERM) if you mean to replace it; a second pipeline on this database needs its own `name`. If that process is gone, the server releases its lock within about a minute, or at once with SELECT pg_terminate_backend(<its lock session's backend pid>)".into()
             }
+            Error::Requirement { fix, .. } => format!(
+                "slotstream stopped before acknowledging anything it did not deliver; fix it, then start slotstream again:\n{fix}"
+            ),
             Error::Source(e) => e.hint(),
             Error::Sink(e) => e.hint(),
             Error::Internal(_) => "this is a bug: report it with the message above; nothing unconfirmed was acknowledged".into(),
@@ -114,6 +127,7 @@ impl Error {
             Error::Config(_) => exit::CONFIG,
             Error::PreflightFailed { .. }
             | Error::Mapping { .. }
+            | Error::Requirement { .. }
             | Error::Source(SourceError::UnsupportedServer { .. }) => exit::PREFLIGHT,
             Error::Postgres(_)
             | Error::Decode(_)

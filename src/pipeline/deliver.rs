@@ -46,6 +46,9 @@ pub(super) struct Deliverer {
     pub(super) last_checkpoint: Instant,
     pub(super) stretch: Stretch,
     pub(super) ack: watch::Sender<Lsn>,
+    /// Checks the publication before each checkpoint, so the checkpoint never covers changes
+    /// the publication withheld.
+    pub(super) verifier: Arc<Verifier>,
 }
 
 impl Deliverer {
@@ -104,10 +107,12 @@ impl Deliverer {
                 self.stretch.kind = "snapshot";
                 self.stretch.from = lsn;
                 self.stretch.rows = rows;
+                // Not yet done: a failure here makes the next run sync again in full.
+                self.verifier.verify(&self.control, false).await?;
                 state::finish_full_sync(&self.control, &self.pipeline, rows).await?;
                 self.durable = self.durable.max(lsn);
                 self.checkpoint = self.checkpoint.max(lsn);
-                self.commit_checkpoint(lsn).await?;
+                self.write_checkpoint(lsn).await?;
                 tracing::info!(rows, lsn = %lsn, "full sync delivered; streaming from its position");
             }
         }
@@ -141,7 +146,14 @@ impl Deliverer {
         Ok(())
     }
 
+    /// Verifies the publication, then records the checkpoint at `to`.
     pub(super) async fn commit_checkpoint(&mut self, to: Lsn) -> Result<(), Error> {
+        self.verifier.verify(&self.control, true).await?;
+        self.write_checkpoint(to).await
+    }
+
+    /// Records the checkpoint at `to` (and the stretch's sync run) and acknowledges it.
+    pub(super) async fn write_checkpoint(&mut self, to: Lsn) -> Result<(), Error> {
         let to = to.max(self.checkpoint);
         let commit = CheckpointCommit {
             from: self.stretch.from,

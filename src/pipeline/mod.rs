@@ -17,6 +17,11 @@
 //!    the whole session is rebuilt from the stored state, never from memory.
 //! 4. The channel blocks when full, so memory is bounded by its capacity plus one batch,
 //!    whatever the transaction, table or window size.
+//! 5. What the slot sends covers what the mapping needs: the publication is verified with the
+//!    code `check` uses ([`Verifier`]) at session start, on each Relation message of the
+//!    followed table, and before every checkpoint. pgoutput silently withholds the changes a
+//!    publication does not cover (a table dropped from it sends nothing at all), so a mismatch
+//!    stops the pipeline (exit 3) before the checkpoint can pass a withheld change.
 //!
 //! One shutdown path: SIGTERM or Ctrl-C stops the reader; the deliverer drains the channel,
 //! delivers, checkpoints, and the final position is acknowledged before exit.
@@ -44,6 +49,7 @@ use crate::decode::pgoutput::PgoutputDecoder;
 use crate::decode::value::TypeCatalog;
 use crate::error::Error;
 use crate::postgres::lock::{LockWatch, PipelineLock};
+use crate::postgres::preflight::Verifier;
 use crate::postgres::state::{self, CheckpointCommit, DeadLetter, FullSyncState};
 use crate::postgres::{self, PgError, catalog, quote_qualified};
 use crate::sink::{self, Sink};
@@ -514,6 +520,13 @@ async fn run_session(
         None
     };
 
+    // What the slot sends must cover what the mapping needs, before anything is read: checked
+    // again on Relation messages and before every checkpoint.
+    let verifier = Arc::new(Verifier::prepare(&mut control, config).await?);
+    verifier
+        .verify(&control, full_sync_reason.is_none())
+        .await?;
+
     let (tx, rx) = mpsc::channel::<Vec<Item>>(CHANNEL_CHUNKS);
     let (ack_tx, ack_rx) = watch::channel(checkpoint.lsn);
     let deliverer_control = connect_control(config).await?;
@@ -524,6 +537,7 @@ async fn run_session(
     };
     let pipeline_name = config.name.clone();
     let start_lsn = checkpoint.lsn;
+    let deliverer_verifier = verifier.clone();
     let deliverer = tokio::spawn(async move {
         let mut sink = sink.lock().await;
         let mut d = Deliverer {
@@ -536,6 +550,7 @@ async fn run_session(
             last_checkpoint: Instant::now(),
             stretch: Stretch::new(start_lsn),
             ack: ack_tx,
+            verifier: deliverer_verifier,
         };
         d.run(&mut **sink, rx).await
     });
@@ -553,6 +568,7 @@ async fn run_session(
         out: Outbox::new(tx),
         ack_rx,
         shutdown,
+        verifier,
     };
     let read_result = reader
         .run(full_sync_reason, slot, checkpoint.lsn, &hash, *once_target)

@@ -12,6 +12,8 @@ pub(super) struct Reader<'a> {
     pub(super) out: Outbox,
     pub(super) ack_rx: watch::Receiver<Lsn>,
     pub(super) shutdown: watch::Receiver<bool>,
+    /// Checks that the publication covers what the mapping needs.
+    pub(super) verifier: Arc<Verifier>,
 }
 
 /// Why the reader stopped without an error.
@@ -362,6 +364,12 @@ impl Reader<'_> {
         Ok(Ok(()))
     }
 
+    /// Checks that the publication still covers what the mapping needs (a Relation message of
+    /// the followed table says its definition, or the publication's, may have changed).
+    pub(super) async fn verify_publication(&self) -> Result<(), Error> {
+        self.verifier.verify(&self.control, true).await
+    }
+
     /// The replication stream: decode, keep the followed table, transform, hand on.
     ///
     /// With `stop_before`, stops (`ReachedTarget`) before the first transaction whose commit
@@ -461,6 +469,7 @@ impl Reader<'_> {
                             }
                         }
                         Mapped::OurRelation { unknown_types } => {
+                            self.verify_publication().await?;
                             if !unknown_types.is_empty() {
                                 postgres::types::load_types(
                                     &self.control,

@@ -18,7 +18,8 @@ pub struct Column {
     pub type_name: String,
     /// Part of the primary key.
     pub primary_key: bool,
-    /// Part of the replica identity (the key pgoutput sends for updates and deletes).
+    /// Part of the replica identity (the key pgoutput sends for updates and deletes). For a
+    /// partitioned table: part of every leaf partition's replica identity.
     pub replica_identity: bool,
     /// Stored out of line when large (`attstorage` x or e): an update that leaves it unchanged
     /// sends no value for it unless REPLICA IDENTITY FULL.
@@ -66,10 +67,30 @@ pub struct Table {
     pub name: String,
     /// Live columns in attnum order.
     pub columns: Vec<Column>,
-    /// `relreplident`: `d` default (primary key), `n` nothing, `f` full, `i` index.
+    /// `relreplident`: `d` default (primary key), `n` nothing, `f` full, `i` index. For a
+    /// partitioned table, whose own setting pgoutput never uses, the leaves' in one letter: `f`
+    /// when every leaf is FULL, `n` when a leaf has no identity, else `d`.
     pub replica_identity: char,
-    /// The planner's row estimate (`reltuples`), -1 when never analyzed.
+    /// The planner's row estimate (`reltuples`; for a partitioned table the sum over its
+    /// leaves), -1 when never analyzed.
     pub estimated_rows: i64,
+    /// For a partitioned table, its leaf partitions, which hold the rows and each have their
+    /// own replica identity; `None` for a plain table.
+    pub partitions: Option<Vec<Partition>>,
+}
+
+/// A leaf partition of a partitioned table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// Schema name.
+    pub schema: String,
+    /// Table name.
+    pub name: String,
+    /// `relreplident` of the partition.
+    pub replica_identity: char,
+    /// The columns its replica identity holds (every column when FULL, none when NOTHING or
+    /// when the key is missing).
+    pub identity_columns: Vec<String>,
 }
 
 impl Table {
@@ -85,6 +106,32 @@ impl Table {
             .filter(|c| c.unsent_generated())
             .map(|c| c.name.as_str())
             .collect()
+    }
+
+    /// Whether this is a partitioned table.
+    pub fn is_partitioned(&self) -> bool {
+        self.partitions.is_some()
+    }
+
+    /// Makes a partitioned table's replica identity the one its leaves share: pgoutput sends
+    /// the old row of an update or delete by the identity of the leaf the row is in.
+    fn apply_partitions(&mut self, leaves: Vec<Partition>) {
+        for col in &mut self.columns {
+            col.replica_identity = !leaves.is_empty()
+                && leaves
+                    .iter()
+                    .all(|p| p.identity_columns.contains(&col.name));
+        }
+        self.replica_identity = if leaves.is_empty() {
+            self.replica_identity
+        } else if leaves.iter().all(|p| p.replica_identity == 'f') {
+            'f'
+        } else if leaves.iter().any(|p| p.identity_columns.is_empty()) {
+            'n'
+        } else {
+            'd'
+        };
+        self.partitions = Some(leaves);
     }
 
     /// Column names, comma-separated, for messages.
@@ -109,7 +156,7 @@ pub async fn table(
 ) -> Result<Option<Table>, PgError> {
     let row = client
         .query_opt(
-            "SELECT c.oid, c.relreplident::text, c.reltuples::int8
+            "SELECT c.oid, c.relreplident::text, c.reltuples::int8, c.relkind = 'p'
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&schema, &name],
@@ -120,6 +167,7 @@ pub async fn table(
     let oid: u32 = row.get(0);
     let replica_identity = row.get::<_, String>(1).chars().next().unwrap_or('d');
     let estimated_rows: i64 = row.get(2);
+    let partitioned: bool = row.get(3);
     let rows = client
         .query(
             "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod),
@@ -161,14 +209,132 @@ pub async fn table(
             _ => false,
         };
     }
-    Ok(Some(Table {
+    let mut table = Table {
         oid,
         schema: schema.to_owned(),
         name: name.to_owned(),
         columns,
         replica_identity,
         estimated_rows,
-    }))
+        partitions: None,
+    };
+    if partitioned {
+        let (leaves, estimate) = partitions(client, oid).await?;
+        table.estimated_rows = estimate;
+        table.apply_partitions(leaves);
+    }
+    Ok(Some(table))
+}
+
+/// The leaf partitions of the partitioned table `oid`, with their replica identities, and the
+/// row estimate summed over them (-1 when none was ever analyzed).
+async fn partitions(client: &Client, oid: u32) -> Result<(Vec<Partition>, i64), PgError> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.relreplident::text, c.reltuples::int8,
+                    ARRAY(SELECT a.attname::text FROM pg_attribute a
+                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                             AND (c.relreplident = 'f'
+                                  OR EXISTS (SELECT FROM pg_index i
+                                              WHERE i.indrelid = c.oid AND a.attnum = ANY(i.indkey)
+                                                AND CASE c.relreplident
+                                                      WHEN 'd' THEN i.indisprimary
+                                                      WHEN 'i' THEN i.indisreplident
+                                                      ELSE false END))
+                           ORDER BY a.attnum)
+               FROM pg_partition_tree($1::oid::regclass) t
+               JOIN pg_class c ON c.oid = t.relid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE t.isleaf AND c.relkind = 'r'
+              ORDER BY 1, 2",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| PgError::query("listing the table's partitions", e))?;
+    let mut estimate: i64 = -1;
+    let leaves = rows
+        .iter()
+        .map(|r| {
+            let tuples: i64 = r.get(3);
+            if tuples >= 0 {
+                estimate = estimate.max(0) + tuples;
+            }
+            Partition {
+                schema: r.get(0),
+                name: r.get(1),
+                replica_identity: r.get::<_, String>(2).chars().next().unwrap_or('d'),
+                identity_columns: r.get(4),
+            }
+        })
+        .collect();
+    Ok((leaves, estimate))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(name: &str) -> Column {
+        Column {
+            name: name.into(),
+            type_oid: 25,
+            type_name: "text".into(),
+            primary_key: false,
+            replica_identity: false,
+            toastable: true,
+            generated: None,
+            attnum: 1,
+        }
+    }
+
+    fn leaf(name: &str, identity: char, columns: &[&str]) -> Partition {
+        Partition {
+            schema: "public".into(),
+            name: name.into(),
+            replica_identity: identity,
+            identity_columns: columns.iter().map(|c| (*c).to_owned()).collect(),
+        }
+    }
+
+    fn parent() -> Table {
+        Table {
+            oid: 1,
+            schema: "public".into(),
+            name: "users".into(),
+            columns: vec![column("id"), column("region"), column("user_id")],
+            replica_identity: 'f',
+            estimated_rows: -1,
+            partitions: None,
+        }
+    }
+
+    #[test]
+    fn a_partitioned_tables_identity_is_what_every_leaf_has() {
+        let mut t = parent();
+        t.apply_partitions(vec![
+            leaf("users_eu", 'f', &["id", "region", "user_id"]),
+            leaf("users_us", 'd', &["id", "region"]),
+        ]);
+        assert!(t.is_partitioned());
+        assert_eq!(
+            t.replica_identity, 'd',
+            "the parent's own FULL does not count"
+        );
+        let ri: Vec<bool> = t.columns.iter().map(|c| c.replica_identity).collect();
+        assert_eq!(ri, [true, true, false]);
+
+        let mut t = parent();
+        t.apply_partitions(vec![leaf("users_eu", 'f', &["id", "region", "user_id"])]);
+        assert_eq!(t.replica_identity, 'f');
+
+        let mut t = parent();
+        t.apply_partitions(vec![
+            leaf("users_eu", 'f', &["id", "region", "user_id"]),
+            leaf("users_us", 'n', &[]),
+        ]);
+        assert_eq!(t.replica_identity, 'n');
+        assert!(t.columns.iter().all(|c| !c.replica_identity));
+    }
 }
 
 /// Marks the stored generated columns that `publication` sends (PostgreSQL 18 and later: they

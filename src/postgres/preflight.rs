@@ -46,6 +46,9 @@ use crate::transform::mapping::Projection;
 
 mod publication;
 mod table;
+mod verify;
+
+pub use verify::Verifier;
 
 /// The schema holding slotstream's state (docs/architecture.md §6); its name is fixed.
 pub const STATE_SCHEMA: &str = "_rudderstack";

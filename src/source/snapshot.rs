@@ -20,7 +20,9 @@ use crate::transform::{ProjectedRow, Projection};
 
 /// The query that reads the table for a full sync (and for `preview`): the columns the
 /// projection needs, then the row key for messageIds — the primary key, else the replica
-/// identity index, else `ctid` (stable only until the row is updated or the table rewritten).
+/// identity index, else `ctid` (stable only until the row is updated or the table rewritten;
+/// with `tableoid` for a partitioned table). A partitioned table is read through its parent,
+/// which covers every partition.
 #[derive(Debug, Clone)]
 pub struct SnapshotQuery {
     select: Vec<String>,
@@ -40,7 +42,7 @@ impl SnapshotQuery {
             .filter(|c| c.primary_key)
             .map(|c| quote_ident(&c.name))
             .collect();
-        if key.is_empty() && table.replica_identity == 'i' {
+        if key.is_empty() && table.replica_identity == 'i' && !table.is_partitioned() {
             key = table
                 .columns
                 .iter()
@@ -49,6 +51,10 @@ impl SnapshotQuery {
                 .collect();
         }
         if key.is_empty() {
+            // A partitioned table's ctids repeat across its partitions.
+            if table.is_partitioned() {
+                key.push("tableoid".into());
+            }
             key.push("ctid".into());
         }
         let mut select: Vec<String> = needed

@@ -3,7 +3,8 @@
 
 use super::{Ctx, Fix, PG18, STATE_SCHEMA, STATE_TABLES, quoted_list};
 use crate::config::SyncMode;
-use crate::postgres::{PgError, catalog, quote_ident};
+use crate::postgres::catalog::{Partition, Table};
+use crate::postgres::{PgError, catalog, quote_ident, quote_literal, quote_qualified};
 use crate::transform::mapping::{MappingError, Projection};
 
 impl Ctx<'_> {
@@ -356,32 +357,6 @@ impl Ctx<'_> {
         fixes
     }
 
-    /// The table's columns that the mapping reads: selected (all when unset) and identifiers.
-    pub(super) fn needed_columns(&self) -> Vec<String> {
-        let Some(table) = &self.table else {
-            return Vec::new();
-        };
-        let mut needed: Vec<String> = match &self.config.mapping.columns {
-            None => table
-                .columns
-                .iter()
-                .filter(|c| !c.unsent_generated())
-                .map(|c| c.name.clone())
-                .collect(),
-            Some(sel) => sel
-                .iter()
-                .filter(|c| table.column(c).is_some())
-                .cloned()
-                .collect(),
-        };
-        for id in self.identifier_columns() {
-            if !needed.contains(&id) {
-                needed.push(id);
-            }
-        }
-        needed
-    }
-
     /// Names of the identifier columns the projection resolved.
     pub(super) fn identifier_columns(&self) -> Vec<String> {
         let (Some(table), Some(p)) = (&self.table, &self.projection) else {
@@ -397,6 +372,11 @@ impl Ctx<'_> {
     /// Check 11: the replica identity suits the sync mode; TOASTed columns warn.
     pub(super) fn check_replica_identity(&mut self) {
         let Some(table) = &self.table else { return };
+        if table.is_partitioned() {
+            self.check_partition_identities();
+            self.check_toast();
+            return;
+        }
         let qtable = self.qtable();
         let ri: Vec<&str> = table
             .columns
@@ -455,6 +435,14 @@ impl Ctx<'_> {
                 ));
             }
         }
+        self.check_toast();
+    }
+
+    /// Large values: an update that leaves a TOASTed value unchanged does not resend it unless
+    /// the replica identity is FULL.
+    fn check_toast(&mut self) {
+        let Some(table) = &self.table else { return };
+        let qtable = self.qtable();
         if table.replica_identity != 'f' {
             let toastable: Vec<&str> = match &self.config.mapping.columns {
                 None => table
@@ -470,18 +458,150 @@ impl Ctx<'_> {
                     .collect(),
             };
             if !toastable.is_empty() {
+                let mut fixes = replica_identity_full_fixes(table);
+                fixes.push(Fix::Step(
+                    "REPLICA IDENTITY FULL logs every column on update, at the cost of more WAL"
+                        .into(),
+                ));
                 self.report.warn(
                     format!(
                         "selected column{} {} of {qtable} can be stored out of line (TOAST): an update that leaves such a large value unchanged does not resend it, so that trait is left out of the update event",
                         if toastable.len() == 1 { "" } else { "s" },
                         quoted_list(&toastable)
                     ),
-                    vec![
-                        full_fix,
-                        Fix::Step("REPLICA IDENTITY FULL logs every column on update, at the cost of more WAL".into()),
-                    ],
+                    fixes,
                 );
             }
+        }
+    }
+}
+
+impl Ctx<'_> {
+    /// Check 11 for a partitioned table: pgoutput sends the old row of an update or delete by
+    /// the replica identity of the partition the row is in, and each partition has its own
+    /// (`ALTER TABLE … REPLICA IDENTITY` on the parent does not reach them).
+    fn check_partition_identities(&mut self) {
+        let Some(table) = &self.table else { return };
+        let Some(leaves) = &table.partitions else {
+            return;
+        };
+        let qtable = self.qtable();
+        let later = Fix::Step(LATER_PARTITIONS.into());
+        if leaves.is_empty() {
+            self.report.warn(
+                format!("partitioned table {qtable} has no partitions yet; each partition has its own replica identity"),
+                vec![later],
+            );
+            return;
+        }
+        let names = |ps: &[&Partition]| {
+            let shown: Vec<String> = ps
+                .iter()
+                .take(5)
+                .map(|p| quote_qualified(&p.schema, &p.name))
+                .collect();
+            let more = if ps.len() > 5 { ", …" } else { "" };
+            format!("{}{more}", shown.join(", "))
+        };
+        let plural = |ps: &[&Partition]| {
+            if ps.len() == 1 {
+                "partition"
+            } else {
+                "partitions"
+            }
+        };
+        let without: Vec<&Partition> = leaves
+            .iter()
+            .filter(|p| p.identity_columns.is_empty())
+            .collect();
+        if !without.is_empty() {
+            let mut fixes = full_fixes(&qtable, &without);
+            fixes.push(later);
+            self.report.fail(
+                format!(
+                    "{} {} of {qtable} {} no replica identity (REPLICA IDENTITY NOTHING, or DEFAULT without a primary key), so the server rejects every UPDATE of {} once the table is published for updates",
+                    plural(&without),
+                    names(&without),
+                    if without.len() == 1 { "has" } else { "have" },
+                    if without.len() == 1 { "it" } else { "them" },
+                ),
+                fixes,
+            );
+            return;
+        }
+        let ids = self.identifier_columns();
+        if self.config.sync_mode == SyncMode::Mirror && self.projection.is_some() {
+            let lacking: Vec<&Partition> = leaves
+                .iter()
+                .filter(|p| ids.iter().any(|id| !p.identity_columns.contains(id)))
+                .collect();
+            if lacking.is_empty() {
+                self.report.pass(format!(
+                    "the replica identity of every partition of {qtable} includes the identifier columns, so mirror mode can identify deleted rows"
+                ));
+            } else {
+                let mut fixes = full_fixes(&qtable, &lacking);
+                fixes.push(later);
+                self.report.fail(
+                    format!(
+                        "mirror mode sends deletes, but the replica identity of {} {} of {qtable} lacks the identifier columns {}, so rows deleted there could not be identified",
+                        plural(&lacking),
+                        names(&lacking),
+                        quoted_list(&ids),
+                    ),
+                    fixes,
+                );
+            }
+        } else {
+            self.report.pass(format!(
+                "every partition of {qtable} ({}) has a replica identity, so its updates are published",
+                leaves.len()
+            ));
+        }
+    }
+}
+
+/// Partitions created or attached later start with the default replica identity.
+const LATER_PARTITIONS: &str = "partitions created or attached later start with REPLICA IDENTITY DEFAULT: set it on each new partition too";
+
+/// `ALTER TABLE … REPLICA IDENTITY FULL` for each of `leaves`; past ten, a query that writes
+/// the statements for every partition not yet FULL (run it in psql, then `\gexec`).
+fn full_fixes(root: &str, leaves: &[&Partition]) -> Vec<Fix> {
+    if leaves.len() <= 10 {
+        return leaves
+            .iter()
+            .map(|p| {
+                Fix::Sql(format!(
+                    "ALTER TABLE {} REPLICA IDENTITY FULL;",
+                    quote_qualified(&p.schema, &p.name)
+                ))
+            })
+            .collect();
+    }
+    vec![Fix::Step(format!(
+        "for each of the {} partitions, ALTER TABLE <partition> REPLICA IDENTITY FULL; in psql: SELECT format('ALTER TABLE %s REPLICA IDENTITY FULL', c.oid::regclass) FROM pg_partition_tree({}::regclass) t JOIN pg_class c ON c.oid = t.relid WHERE t.isleaf AND c.relreplident <> 'f' \\gexec",
+        leaves.len(),
+        quote_literal(root)
+    ))]
+}
+
+/// The SQL that makes the table's replica identity FULL: on the table itself, or on each of
+/// its partitions that is not FULL yet (with a reminder for later partitions).
+pub(super) fn replica_identity_full_fixes(table: &Table) -> Vec<Fix> {
+    match &table.partitions {
+        None => vec![Fix::Sql(format!(
+            "ALTER TABLE {} REPLICA IDENTITY FULL;",
+            quote_qualified(&table.schema, &table.name)
+        ))],
+        Some(leaves) => {
+            let not_full: Vec<&Partition> = leaves
+                .iter()
+                .filter(|p| p.replica_identity != 'f')
+                .collect();
+            let root = quote_qualified(&table.schema, &table.name);
+            let mut fixes = full_fixes(&root, &not_full);
+            fixes.push(Fix::Step(LATER_PARTITIONS.into()));
+            fixes
         }
     }
 }

@@ -1,0 +1,101 @@
+//! `run`'s own verification that what the slot sends covers what the mapping needs: the
+//! publication requirements of `check` (see [`super::publication`]), judged by the same code,
+//! so a failure stops the pipeline with the line and the fix `check` prints.
+//!
+//! pgoutput decides what to send from the publication as it was when each change was written:
+//! a change made while the table was out of the publication (or while its updates, deletes or
+//! rows were not published) never reaches the slot, and adding the table back later does not
+//! bring it back. Such a gap can only be repaired by a full sync, so the verification runs
+//! before each checkpoint as well as at session start and on Relation messages: the checkpoint
+//! (and with it the slot's acknowledged position) never moves past changes that the
+//! publication may have withheld, and the error says to run `slotstream resync` after the fix.
+
+use tokio_postgres::Client;
+
+use super::publication::{Probe, Requirements, probe_filter, read};
+use super::{Fix, Outcome, PG15, Report};
+use crate::config::Config;
+use crate::error::Error;
+use crate::postgres::{PgError, quote_qualified};
+
+/// The publication requirements of one pipeline, prepared once per session.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    config: Config,
+    version_num: i32,
+    /// The server's reading of `[mapping] filter`, deparsed once at session start.
+    configured: Option<Probe>,
+}
+
+impl Verifier {
+    /// Reads the server version and deparses `[mapping] filter` (in a transaction that is
+    /// rolled back; `client` must not be inside a transaction).
+    pub async fn prepare(client: &mut Client, config: &Config) -> Result<Self, PgError> {
+        let version_num: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int4", &[])
+            .await
+            .map_err(|e| PgError::query("reading the server version", e))?
+            .get(0);
+        let configured = match &config.mapping.filter {
+            Some(filter) if version_num >= PG15 => {
+                let qtable = quote_qualified(&config.source.schema, &config.source.table);
+                Some(probe_filter(client, &qtable, filter).await?)
+            }
+            _ => None,
+        };
+        Ok(Verifier {
+            config: config.clone(),
+            version_num,
+            configured,
+        })
+    }
+
+    /// Checks the publication now. The first unmet requirement is an
+    /// [`Error::Requirement`] with `check`'s line and fix (and, with `advise_resync`, the
+    /// advice to run a full sync once fixed: the pipeline has streamed, so changes the
+    /// publication withheld may be missing at the destination). Plain queries only: `client`
+    /// may be inside a transaction.
+    pub async fn verify(&self, client: &Client, advise_resync: bool) -> Result<(), Error> {
+        let facts = read(client, &self.config, self.version_num, false).await?;
+        let requirements = Requirements {
+            config: &self.config,
+            version_num: self.version_num,
+            configured: self.configured.as_ref(),
+            replica_identity: None,
+        };
+        let mut report = Report::default();
+        requirements.evaluate(&facts, &mut report);
+        let mut failures = report
+            .results
+            .into_iter()
+            .filter(|r| r.outcome == Outcome::Fail);
+        let Some(first) = failures.next() else {
+            return Ok(());
+        };
+        for other in failures {
+            tracing::error!("{}", other.render());
+        }
+        let mut fixes = first.fixes;
+        if advise_resync {
+            fixes.push(Fix::Step(
+                "changes the publication did not cover never reach the slot: once it is fixed, run `slotstream resync` so that a full sync brings the destination up to date".into(),
+            ));
+        }
+        Err(Error::Requirement {
+            message: first.message,
+            fix: render_fixes(&fixes),
+        })
+    }
+}
+
+/// The fix lines as `check` prints them under a failure, one per line.
+fn render_fixes(fixes: &[Fix]) -> String {
+    fixes
+        .iter()
+        .map(|f| match f {
+            Fix::Sql(sql) => format!("    {sql}"),
+            Fix::Step(step) => format!("    → {step}"),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
