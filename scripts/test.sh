@@ -21,6 +21,7 @@ have_pg_server() {
 have_pg_server || need_apt+=(postgresql)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v runuser >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v strace >/dev/null 2>&1 || need_apt+=(strace)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 if ((${#need_apt[@]})); then
