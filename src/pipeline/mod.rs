@@ -53,7 +53,7 @@ mod progress;
 mod read;
 
 use deliver::{Deliverer, Stretch};
-use read::{Outbox, Reader};
+use read::{FullSyncIdentity, Outbox, Reader};
 
 /// Items per message on the reader → deliverer channel: handing rows over in chunks rather than
 /// one by one saves a channel operation, and often a thread wake-up, per row.
@@ -264,6 +264,10 @@ async fn run_session(
     )
     .await?;
     let hash = mapping_hash(config);
+    let full_sync = FullSyncIdentity {
+        mapping_hash: &hash,
+        generation: checkpoint.next_full_sync_generation(&hash),
+    };
     let slot = stream::slot_info(&control, &src.slot).await?;
     let full_sync_reason = if checkpoint.full_sync_state != FullSyncState::Done {
         Some(match checkpoint.full_sync_state {
@@ -318,7 +322,13 @@ async fn run_session(
         shutdown,
     };
     let read_result = reader
-        .run(full_sync_reason, slot, checkpoint.lsn, &hash, *once_target)
+        .run(
+            full_sync_reason,
+            slot,
+            checkpoint.lsn,
+            full_sync,
+            *once_target,
+        )
         .await;
     // The reader dropped its sender: the deliverer drains, delivers, checkpoints and ends.
     let deliver_result = match deliverer.await {

@@ -14,6 +14,14 @@ pub(super) struct Reader<'a> {
     pub(super) shutdown: watch::Receiver<bool>,
 }
 
+/// What a full sync that starts in this session is: the mapping it sends and its generation
+/// (see `state::Checkpoint::next_full_sync_generation`).
+#[derive(Clone, Copy)]
+pub(super) struct FullSyncIdentity<'a> {
+    pub(super) mapping_hash: &'a str,
+    pub(super) generation: i64,
+}
+
 /// Why the reader stopped without an error.
 pub(super) enum Stop {
     Shutdown,
@@ -69,7 +77,7 @@ impl Reader<'_> {
         full_sync_reason: Option<&'static str>,
         slot: Option<stream::SlotInfo>,
         checkpoint: Lsn,
-        hash: &str,
+        full_sync: FullSyncIdentity<'_>,
         once_target: Option<Lsn>,
     ) -> Result<(), Error> {
         let src = &self.config.source;
@@ -89,7 +97,7 @@ impl Reader<'_> {
                     .as_ref()
                     .is_some_and(|info| stream::check_slot(&src.slot, info, &src.database).is_ok());
                 let kept = if keep {
-                    self.full_sync_on_kept_slot(checkpoint, hash).await?
+                    self.full_sync_on_kept_slot(checkpoint, full_sync).await?
                 } else {
                     None
                 };
@@ -125,12 +133,17 @@ impl Reader<'_> {
                             &self.control,
                             &self.config.name,
                             exported.consistent_point,
-                            hash,
+                            full_sync.mapping_hash,
+                            full_sync.generation,
                             true,
                         )
                         .await?;
                         match self
-                            .full_sync(Some(&exported.snapshot_name), exported.consistent_point)
+                            .full_sync(
+                                Some(&exported.snapshot_name),
+                                exported.consistent_point,
+                                full_sync.generation,
+                            )
                             .await?
                         {
                             Ok(()) => {}
@@ -208,7 +221,7 @@ impl Reader<'_> {
     pub(super) async fn full_sync_on_kept_slot(
         &mut self,
         checkpoint: Lsn,
-        hash: &str,
+        full_sync: FullSyncIdentity<'_>,
     ) -> Result<Option<Result<Lsn, Stop>>, Error> {
         let src = &self.config.source;
         let name = &self.config.name;
@@ -228,7 +241,15 @@ impl Reader<'_> {
         let snapshot_lsn = exported.consistent_point;
         // Recorded before the snapshot's transaction begins (it is read only). The checkpoint
         // stays: a crash from here on starts the full sync again and reads the slot from it.
-        state::begin_full_sync(&self.control, name, snapshot_lsn, hash, false).await?;
+        state::begin_full_sync(
+            &self.control,
+            name,
+            snapshot_lsn,
+            full_sync.mapping_hash,
+            full_sync.generation,
+            false,
+        )
+        .await?;
         self.import_snapshot(&exported.snapshot_name).await?;
         // The imported snapshot belongs to this transaction now: the temporary slot can go.
         drop(exported.session);
@@ -248,7 +269,7 @@ impl Reader<'_> {
             return Ok(Some(Err(stop)));
         }
         Ok(Some(
-            self.full_sync(None, snapshot_lsn)
+            self.full_sync(None, snapshot_lsn, full_sync.generation)
                 .await?
                 .map(|()| snapshot_lsn),
         ))
@@ -267,11 +288,13 @@ impl Reader<'_> {
     }
 
     /// The COPY of the full sync, inside a transaction that imported the exported snapshot
-    /// (here when `snapshot_name` is given, else already by the caller).
+    /// (here when `snapshot_name` is given, else already by the caller). `generation` goes into
+    /// the rows' messageIds.
     pub(super) async fn full_sync(
         &mut self,
         snapshot_name: Option<&str>,
         snapshot_lsn: Lsn,
+        generation: i64,
     ) -> Result<Result<(), Stop>, Error> {
         let mapping = &self.config.mapping;
         let table = &self.ctx.table;
@@ -318,7 +341,7 @@ impl Reader<'_> {
                 let (projected, key_text) = query.project(&projection, table, &self.ctx.types, row);
                 let pipeline = &self.config.name;
                 let item = self.row_item(projected, Op::Snapshot, snapshot_lsn, &stamp, |p| {
-                    snapshot_row_message_id(pipeline, &key_text, p)
+                    snapshot_row_message_id(pipeline, generation, &key_text, p)
                 });
                 if let Err(stop) = self.out.send(item).await {
                     return Ok(Err(stop));
@@ -343,7 +366,8 @@ impl Reader<'_> {
         Ok(Ok(()))
     }
 
-    /// An identify event for a row, or a dead letter when it has no identifier.
+    /// An identify event for a row, or a dead letter when it has no identifier (keeping the
+    /// messageId the event would have had, which makes the dead letter unique).
     pub(super) fn row_item(
         &self,
         projected: ProjectedRow,
@@ -352,6 +376,7 @@ impl Reader<'_> {
         stamp: &Stamp,
         message_id: impl FnOnce(&ProjectedRow) -> uuid::Uuid,
     ) -> Item {
+        let id = message_id(&projected);
         if !projected.is_identified() {
             return Item::DeadLetter(Box::new(DeadLetter {
                 lsn,
@@ -360,9 +385,9 @@ impl Reader<'_> {
                     "the row has no value in any identifier column (user_id, anonymous_id, email)"
                         .into(),
                 payload: serde_json::Value::Object(projected.traits.into_map()),
+                message_id: id,
             }));
         }
-        let id = message_id(&projected);
         let event = if op == Op::Delete {
             self.ctx.factory.deleted(projected, stamp, id)
         } else {
