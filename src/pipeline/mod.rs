@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use crate::Lsn;
 use crate::batch::{BatchLimits, MicroBatch};
-use crate::config::{Config, SyncMode};
+use crate::config::{Config, SyncHistory, SyncMode};
 use crate::decode::pgoutput::{Cell, LogicalMessage, PgoutputDecoder, TupleData};
 use crate::decode::relation::RelationCache;
 use crate::decode::value::TypeCatalog;
@@ -64,6 +64,14 @@ const CHANNEL_CHUNKS: usize = 16;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// Minimum time between two checkpoints that only follow idle WAL (keepalives).
 const IDLE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// An idle checkpoint is written only once the WAL position is this far past the stored
+/// checkpoint. Each checkpoint's own write (and the running-transactions record the server logs
+/// soon after it) moves the position by a few hundred bytes: following every move rewrote the
+/// checkpoint row every 10 s forever on a quiet server. Holding back less than this keeps no
+/// WAL file longer (the server frees WAL by 16 MiB segments).
+const IDLE_CHECKPOINT_MIN_ADVANCE: u64 = 1024 * 1024;
+/// Minimum time between two prunings of the sync history (`cdc_sync_runs`).
+const HISTORY_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 /// Retries of a failing `run --once` before it gives up and exits non-zero: a one-shot job
 /// (cron, CI) must end and report a lasting failure (a full disk, a destination down) instead of
 /// retrying forever; a brief blip (a server restart) is still ridden out.
@@ -291,6 +299,7 @@ async fn run_session(
         max_bytes: config.schedule.memory_limit,
     };
     let pipeline_name = config.name.clone();
+    let history = config.history;
     let start_lsn = checkpoint.lsn;
     let deliverer = tokio::spawn(async move {
         let mut sink = sink.lock().await;
@@ -304,6 +313,8 @@ async fn run_session(
             last_checkpoint: Instant::now(),
             stretch: Stretch::new(start_lsn),
             ack: ack_tx,
+            history,
+            last_prune: None,
         };
         d.run(&mut **sink, rx).await
     });

@@ -436,6 +436,29 @@ pub async fn commit_checkpoint(
     Ok(lsn_from(stored))
 }
 
+/// Deletes the pipeline's sync runs that finished more than `max_age` ago or are not among its
+/// newest `keep_runs` (at least 1); returns how many. Uses the `(pipeline, id)` index.
+pub async fn prune_sync_runs(
+    client: &Client,
+    pipeline: &str,
+    max_age: std::time::Duration,
+    keep_runs: i64,
+) -> Result<u64, PgError> {
+    let max_age_secs = max_age.as_secs_f64();
+    client
+        .execute(
+            r#"DELETE FROM "_rudderstack".cdc_sync_runs
+                WHERE pipeline = $1
+                  AND (coalesce(finished_at, started_at) < now() - make_interval(secs => $2)
+                       OR id < (SELECT id FROM "_rudderstack".cdc_sync_runs
+                                 WHERE pipeline = $1
+                                 ORDER BY id DESC OFFSET $3::int8 - 1 LIMIT 1))"#,
+            &[&pipeline, &max_age_secs, &keep_runs.max(1)],
+        )
+        .await
+        .map_err(|e| PgError::query("pruning the sync history (cdc_sync_runs)", e))
+}
+
 /// Deletes the pipeline's state rows (teardown).
 pub async fn delete_pipeline(client: &Client, pipeline: &str) -> Result<(), PgError> {
     for table in ["cdc_checkpoints", "cdc_sync_runs", "cdc_dead_letters"] {
