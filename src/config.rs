@@ -163,6 +163,8 @@ pub struct RawSchedule {
 #[serde(deny_unknown_fields)]
 pub struct RawSync {
     mode: Option<String>,
+    history_retention: Option<String>,
+    history_keep_runs: Option<u64>,
 }
 
 /// `[destination]` as written.
@@ -199,6 +201,8 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     /// Whether deletes are sent.
     pub sync_mode: SyncMode,
+    /// How much of the sync history (`_rudderstack.cdc_sync_runs`) is kept.
+    pub history: SyncHistory,
     /// Where events go.
     pub destination: DestinationConfig,
     /// The metrics listener, if any.
@@ -344,6 +348,16 @@ pub enum SyncMode {
     Upsert,
     /// Deletes also become `Record Deleted` track events.
     Mirror,
+}
+
+/// How much of the sync history is kept: a run is deleted once it is older than `retention` or
+/// no longer among the newest `keep_runs`, whichever comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncHistory {
+    /// `sync.history_retention` (default 30 days).
+    pub retention: Duration,
+    /// `sync.history_keep_runs` (default 10000).
+    pub keep_runs: u32,
 }
 
 /// Where events go.
@@ -536,6 +550,7 @@ impl RawConfig {
                 ));
             }
         };
+        let history = self.sync.history()?;
         let destination = self.destination.validate()?;
         let metrics_listen = match self.metrics.listen {
             None => None,
@@ -558,6 +573,7 @@ impl RawConfig {
             mapping,
             schedule,
             sync_mode,
+            history,
             destination,
             metrics_listen,
         })
@@ -823,6 +839,32 @@ impl RawSchedule {
     }
 }
 
+impl RawSync {
+    fn history(&self) -> Result<SyncHistory, ConfigError> {
+        let retention = parse_duration(
+            "sync.history_retention",
+            self.history_retention.as_deref().unwrap_or("30d"),
+        )?;
+        if retention.is_zero() {
+            return Err(ConfigError::invalid(
+                "sync.history_retention",
+                "must be longer than zero; write e.g. \"30d\" or \"12h\"",
+            ));
+        }
+        let keep_runs = self.history_keep_runs.unwrap_or(10_000);
+        if keep_runs == 0 || keep_runs > 100_000_000 {
+            return Err(ConfigError::invalid(
+                "sync.history_keep_runs",
+                "must be between 1 and 100000000",
+            ));
+        }
+        Ok(SyncHistory {
+            retention,
+            keep_runs: keep_runs as u32,
+        })
+    }
+}
+
 fn parse_start_at(s: &str) -> Option<u32> {
     let (h, m) = s.split_once(':')?;
     if h.len() != 2 || m.len() != 2 {
@@ -914,6 +956,8 @@ type = "stdout"
         assert_eq!(c.schedule.max_batch_delay, Duration::from_millis(200));
         assert_eq!(c.schedule.memory_limit, 256 * 1024 * 1024);
         assert_eq!(c.sync_mode, SyncMode::Upsert);
+        assert_eq!(c.history.retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.history.keep_runs, 10_000);
         assert!(c.mapping.columns.is_none());
     }
 
@@ -940,9 +984,13 @@ type = "stdout"
             &[
                 ("SLOTSTREAM__SOURCE__PORT", "6543"),
                 ("SLOTSTREAM__SCHEDULE__MAX_BATCH_DELAY", "1s"),
+                ("SLOTSTREAM__SYNC__HISTORY_RETENTION", "7d"),
+                ("SLOTSTREAM__SYNC__HISTORY_KEEP_RUNS", "50"),
             ],
         )
         .expect("valid");
+        assert_eq!(c.history.retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.history.keep_runs, 50);
         assert_eq!(c.source.port, 6543);
         assert_eq!(c.schedule.max_batch_delay, Duration::from_secs(1));
     }
@@ -1024,6 +1072,21 @@ type = "stdout"
                 "[destination]",
                 "[sync]\nmode = \"sideways\"\n[destination]",
                 "sync.mode",
+            ),
+            (
+                "[destination]",
+                "[sync]\nhistory_retention = \"a month\"\n[destination]",
+                "sync.history_retention",
+            ),
+            (
+                "[destination]",
+                "[sync]\nhistory_retention = \"0s\"\n[destination]",
+                "sync.history_retention",
+            ),
+            (
+                "[destination]",
+                "[sync]\nhistory_keep_runs = 0\n[destination]",
+                "sync.history_keep_runs",
             ),
             (
                 "[destination]",

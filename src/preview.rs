@@ -47,6 +47,11 @@ pub async fn run(config: &Config, limit: u32) -> Result<(), Error> {
         .await
         .map_err(|e| PgError::query("loading the table's column types", e))?;
     let lsn = current_wal_lsn(&client).await.unwrap_or(Lsn::ZERO);
+    // The messageIds of the next full sync (the first one when the pipeline has no state yet).
+    let hash = crate::pipeline::mapping_hash(config);
+    let generation = crate::postgres::state::load(&client, &config.name)
+        .await?
+        .map_or(1, |c| c.next_full_sync_generation(&hash));
     let query = SnapshotQuery::new(&table, &projection, config.mapping.filter.as_deref());
     let messages = client
         .simple_query(&query.select_sql(Some(limit)))
@@ -118,7 +123,7 @@ pub async fn run(config: &Config, limit: u32) -> Result<(), Error> {
             skipped += 1;
             continue;
         }
-        let id = snapshot_row_message_id(&config.name, &key_text, &projected);
+        let id = snapshot_row_message_id(&config.name, generation, &key_text, &projected);
         let mut event = factory.identify(projected, Op::Snapshot, &stamp, id);
         event.sent_at = Some(now_rfc3339().into());
         let json = serde_json::to_string_pretty(&event).map_err(crate::sink::SinkError::from)?;

@@ -49,6 +49,9 @@ pub(super) struct Deliverer {
     /// Checks the publication before each checkpoint, so the checkpoint never covers changes
     /// the publication withheld.
     pub(super) verifier: Arc<Verifier>,
+    /// How much sync history to keep, and when it was last pruned (never, in this session).
+    pub(super) history: SyncHistory,
+    pub(super) last_prune: Option<Instant>,
 }
 
 impl Deliverer {
@@ -130,17 +133,23 @@ impl Deliverer {
         Ok(())
     }
 
+    /// Commits a checkpoint when one is due: every [`CHECKPOINT_INTERVAL`] while rows of the
+    /// table were delivered or dead-lettered; every [`IDLE_CHECKPOINT_INTERVAL`] when only the
+    /// position moved (keepalives, transactions without rows of the table), and then only once
+    /// it moved by [`IDLE_CHECKPOINT_MIN_ADVANCE`]: a quiet server's checkpoint row stays
+    /// untouched. `force` (the end of a session) commits any move.
     pub(super) async fn maybe_checkpoint(&mut self, force: bool) -> Result<(), Error> {
         let since = self.last_checkpoint.elapsed();
-        let has_progress = self.durable > self.checkpoint || !self.stretch.dead_letters.is_empty();
-        let idle_progress = self
-            .idle
-            .is_some_and(|l| l > self.checkpoint.max(self.durable));
-        if has_progress && (force || since >= CHECKPOINT_INTERVAL) {
-            let to = self.durable.max(self.idle.unwrap_or(Lsn::ZERO));
-            self.commit_checkpoint(to).await?;
-        } else if idle_progress && (force || since >= IDLE_CHECKPOINT_INTERVAL) {
-            let to = self.idle.unwrap_or(self.durable);
+        let to = self.durable.max(self.idle.unwrap_or(Lsn::ZERO));
+        let moved = to > self.checkpoint;
+        let delivered = self.stretch.rows > 0 || self.stretch.events > 0;
+        let dead_letters = !self.stretch.dead_letters.is_empty();
+        let has_progress = (delivered && self.durable > self.checkpoint) || dead_letters;
+        let idle_progress = moved
+            && (force || to.as_u64() - self.checkpoint.as_u64() >= IDLE_CHECKPOINT_MIN_ADVANCE);
+        let due = (has_progress && (force || since >= CHECKPOINT_INTERVAL))
+            || (idle_progress && (force || since >= IDLE_CHECKPOINT_INTERVAL));
+        if due {
             self.commit_checkpoint(to).await?;
         }
         Ok(())
@@ -173,6 +182,22 @@ impl Deliverer {
         self.last_checkpoint = Instant::now();
         self.stretch = Stretch::new(stored);
         let _ = self.ack.send(stored);
+        if self
+            .last_prune
+            .is_none_or(|at| at.elapsed() >= HISTORY_PRUNE_INTERVAL)
+        {
+            self.last_prune = Some(Instant::now());
+            let pruned = state::prune_sync_runs(
+                &self.control,
+                &self.pipeline,
+                self.history.retention,
+                i64::from(self.history.keep_runs),
+            )
+            .await?;
+            if pruned > 0 {
+                tracing::debug!(pruned, "sync history pruned");
+            }
+        }
         Ok(())
     }
 }

@@ -402,7 +402,8 @@ pub(super) fn identifier_names(config: &Config) -> String {
 }
 
 /// An identify (or, for a delete, `Record Deleted`) event for a row, or a dead letter when it
-/// has no identifier value. Shared by the full sync and the stream.
+/// has no identifier value (with the messageId the event would have had). Shared by the full
+/// sync and the stream.
 pub(super) fn row_item(
     config: &Config,
     factory: &EventFactory,
@@ -412,6 +413,9 @@ pub(super) fn row_item(
     stamp: &Stamp,
     message_id: impl FnOnce(&ProjectedRow) -> uuid::Uuid,
 ) -> Item {
+    // A dead letter keeps the messageId the event would have had: it makes it unique, so a
+    // transaction read again after a crash does not write it twice.
+    let id = message_id(&projected);
     if !projected.is_identified() {
         return Item::DeadLetter(Box::new(DeadLetter {
             lsn,
@@ -421,9 +425,9 @@ pub(super) fn row_item(
                 identifier_names(config)
             ),
             payload: serde_json::Value::Object(projected.traits.into_map()),
+            message_id: id,
         }));
     }
-    let id = message_id(&projected);
     let event = if op == Op::Delete {
         factory.deleted(projected, stamp, id)
     } else {

@@ -44,7 +44,7 @@ use tokio::time::Instant;
 
 use crate::Lsn;
 use crate::batch::{BatchLimits, MicroBatch};
-use crate::config::Config;
+use crate::config::{Config, SyncHistory};
 use crate::decode::pgoutput::PgoutputDecoder;
 use crate::decode::value::TypeCatalog;
 use crate::error::Error;
@@ -66,7 +66,7 @@ mod read;
 
 use deliver::{Deliverer, Stretch};
 use mapper::{ChangeMapper, Mapped, row_item};
-use read::{Outbox, Reader};
+use read::{FullSyncIdentity, Outbox, Reader};
 
 /// Items per message on the reader → deliverer channel: handing rows over in chunks rather than
 /// one by one saves a channel operation, and often a thread wake-up, per row.
@@ -77,6 +77,14 @@ const CHANNEL_CHUNKS: usize = 16;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// Minimum time between two checkpoints that only follow idle WAL (keepalives).
 const IDLE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// An idle checkpoint is written only once the WAL position is this far past the stored
+/// checkpoint. Each checkpoint's own write (and the running-transactions record the server logs
+/// soon after it) moves the position by a few hundred bytes: following every move rewrote the
+/// checkpoint row every 10 s forever on a quiet server. Holding back less than this keeps no
+/// WAL file longer (the server frees WAL by 16 MiB segments).
+const IDLE_CHECKPOINT_MIN_ADVANCE: u64 = 1024 * 1024;
+/// Minimum time between two prunings of the sync history (`cdc_sync_runs`).
+const HISTORY_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 /// Retries of a failing `run --once` before it gives up and exits non-zero: a one-shot job
 /// (cron, CI) must end and report a lasting failure (a full disk, a destination down) instead of
 /// retrying forever; a brief blip (a server restart) is still ridden out.
@@ -503,6 +511,10 @@ async fn run_session(
     )
     .await?;
     let hash = mapping_hash(config);
+    let full_sync = FullSyncIdentity {
+        mapping_hash: &hash,
+        generation: checkpoint.next_full_sync_generation(&hash),
+    };
     let slot = stream::slot_info(&control, &src.slot).await?;
     let table_changed = followed_table_changed(&control, &config.name, &checkpoint, &table).await?;
     let full_sync_reason = if checkpoint.full_sync_state != FullSyncState::Done {
@@ -536,6 +548,7 @@ async fn run_session(
         max_bytes: config.schedule.memory_limit,
     };
     let pipeline_name = config.name.clone();
+    let history = config.history;
     let start_lsn = checkpoint.lsn;
     let deliverer_verifier = verifier.clone();
     let deliverer = tokio::spawn(async move {
@@ -551,6 +564,8 @@ async fn run_session(
             stretch: Stretch::new(start_lsn),
             ack: ack_tx,
             verifier: deliverer_verifier,
+            history,
+            last_prune: None,
         };
         d.run(&mut **sink, rx).await
     });
@@ -571,7 +586,13 @@ async fn run_session(
         verifier,
     };
     let read_result = reader
-        .run(full_sync_reason, slot, checkpoint.lsn, &hash, *once_target)
+        .run(
+            full_sync_reason,
+            slot,
+            checkpoint.lsn,
+            full_sync,
+            *once_target,
+        )
         .await;
     // The reader dropped its sender: the deliverer drains, delivers, checkpoints and ends.
     let deliver_result = match deliverer.await {

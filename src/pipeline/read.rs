@@ -16,6 +16,14 @@ pub(super) struct Reader<'a> {
     pub(super) verifier: Arc<Verifier>,
 }
 
+/// What a full sync that starts in this session is: the mapping it sends and its generation
+/// (see `state::Checkpoint::next_full_sync_generation`).
+#[derive(Clone, Copy)]
+pub(super) struct FullSyncIdentity<'a> {
+    pub(super) mapping_hash: &'a str,
+    pub(super) generation: i64,
+}
+
 /// Why the reader stopped without an error.
 pub(super) enum Stop {
     Shutdown,
@@ -71,7 +79,7 @@ impl Reader<'_> {
         full_sync_reason: Option<String>,
         slot: Option<stream::SlotInfo>,
         checkpoint: Lsn,
-        hash: &str,
+        full_sync: FullSyncIdentity<'_>,
         once_target: Option<Lsn>,
     ) -> Result<(), Error> {
         let src = &self.config.source;
@@ -96,7 +104,7 @@ impl Reader<'_> {
                     }
                 };
                 let kept = if keep {
-                    self.full_sync_on_kept_slot(checkpoint, hash).await?
+                    self.full_sync_on_kept_slot(checkpoint, full_sync).await?
                 } else {
                     None
                 };
@@ -134,13 +142,18 @@ impl Reader<'_> {
                             &self.control,
                             &self.config.name,
                             exported.consistent_point,
-                            hash,
+                            full_sync.mapping_hash,
+                            full_sync.generation,
                             true,
                             &self.ctx.followed(),
                         )
                         .await?;
                         match self
-                            .full_sync(Some(&exported.snapshot_name), exported.consistent_point)
+                            .full_sync(
+                                Some(&exported.snapshot_name),
+                                exported.consistent_point,
+                                full_sync.generation,
+                            )
                             .await?
                         {
                             Ok(()) => {}
@@ -221,7 +234,7 @@ impl Reader<'_> {
     pub(super) async fn full_sync_on_kept_slot(
         &mut self,
         checkpoint: Lsn,
-        hash: &str,
+        full_sync: FullSyncIdentity<'_>,
     ) -> Result<Option<Result<Lsn, Stop>>, Error> {
         let src = &self.config.source;
         let name = &self.config.name;
@@ -242,7 +255,16 @@ impl Reader<'_> {
         // Recorded before the snapshot's transaction begins (it is read only). The checkpoint
         // stays: a crash from here on starts the full sync again and reads the slot from it.
         let followed = self.ctx.followed();
-        state::begin_full_sync(&self.control, name, snapshot_lsn, hash, false, &followed).await?;
+        state::begin_full_sync(
+            &self.control,
+            name,
+            snapshot_lsn,
+            full_sync.mapping_hash,
+            full_sync.generation,
+            false,
+            &followed,
+        )
+        .await?;
         self.import_snapshot(&exported.snapshot_name).await?;
         // The imported snapshot belongs to this transaction now: the temporary slot can go.
         drop(exported.session);
@@ -262,7 +284,7 @@ impl Reader<'_> {
             return Ok(Some(Err(stop)));
         }
         Ok(Some(
-            self.full_sync(None, snapshot_lsn)
+            self.full_sync(None, snapshot_lsn, full_sync.generation)
                 .await?
                 .map(|()| snapshot_lsn),
         ))
@@ -281,11 +303,13 @@ impl Reader<'_> {
     }
 
     /// The COPY of the full sync, inside a transaction that imported the exported snapshot
-    /// (here when `snapshot_name` is given, else already by the caller).
+    /// (here when `snapshot_name` is given, else already by the caller). `generation` goes into
+    /// the rows' messageIds.
     pub(super) async fn full_sync(
         &mut self,
         snapshot_name: Option<&str>,
         snapshot_lsn: Lsn,
+        generation: i64,
     ) -> Result<Result<(), Stop>, Error> {
         let mapping = &self.config.mapping;
         let table = &self.ctx.table;
@@ -339,7 +363,7 @@ impl Reader<'_> {
                     Op::Snapshot,
                     snapshot_lsn,
                     &stamp,
-                    |p| snapshot_row_message_id(pipeline, &key_text, p),
+                    |p| snapshot_row_message_id(pipeline, generation, &key_text, p),
                 );
                 if let Err(stop) = self.out.send(item).await {
                     return Ok(Err(stop));

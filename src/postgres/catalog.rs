@@ -270,6 +270,55 @@ async fn partitions(client: &Client, oid: u32) -> Result<(Vec<Partition>, i64), 
     Ok((leaves, estimate))
 }
 
+/// Marks the stored generated columns that `publication` sends (PostgreSQL 18 and later: they
+/// are in `pg_publication_tables.attnames`; before 18 that list names generated columns that
+/// pgoutput does not send, so it is not asked).
+async fn mark_published_generated(
+    client: &Client,
+    columns: &mut [Column],
+    schema: &str,
+    name: &str,
+    publication: &str,
+) -> Result<(), PgError> {
+    let stored = |c: &Column| matches!(c.generated, Some(Generated::Stored { .. }));
+    if !columns.iter().any(stored) {
+        return Ok(());
+    }
+    if super::version::server_version(client).await?.num < super::version::PG18 {
+        return Ok(());
+    }
+    let published: Vec<String> = client
+        .query_opt(
+            "SELECT attnames::text[] FROM pg_publication_tables
+              WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &schema, &name],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the publication's columns", e))?
+        .and_then(|r| r.get::<_, Option<Vec<String>>>(0))
+        .unwrap_or_default();
+    for column in columns.iter_mut().filter(|c| stored(c)) {
+        column.generated = Some(Generated::Stored {
+            published: published.contains(&column.name),
+        });
+    }
+    Ok(())
+}
+
+/// The `(schema, name)` of the table with `pg_class.oid` = `oid`, if it still exists.
+pub async fn table_name(client: &Client, oid: u32) -> Result<Option<(String, String)>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = $1 AND c.relkind IN ('r', 'p')",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| PgError::query("looking up the followed table by OID", e))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,53 +384,4 @@ mod tests {
         assert_eq!(t.replica_identity, 'n');
         assert!(t.columns.iter().all(|c| !c.replica_identity));
     }
-}
-
-/// Marks the stored generated columns that `publication` sends (PostgreSQL 18 and later: they
-/// are in `pg_publication_tables.attnames`; before 18 that list names generated columns that
-/// pgoutput does not send, so it is not asked).
-async fn mark_published_generated(
-    client: &Client,
-    columns: &mut [Column],
-    schema: &str,
-    name: &str,
-    publication: &str,
-) -> Result<(), PgError> {
-    let stored = |c: &Column| matches!(c.generated, Some(Generated::Stored { .. }));
-    if !columns.iter().any(stored) {
-        return Ok(());
-    }
-    if super::version::server_version(client).await?.num < super::version::PG18 {
-        return Ok(());
-    }
-    let published: Vec<String> = client
-        .query_opt(
-            "SELECT attnames::text[] FROM pg_publication_tables
-              WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&publication, &schema, &name],
-        )
-        .await
-        .map_err(|e| PgError::query("reading the publication's columns", e))?
-        .and_then(|r| r.get::<_, Option<Vec<String>>>(0))
-        .unwrap_or_default();
-    for column in columns.iter_mut().filter(|c| stored(c)) {
-        column.generated = Some(Generated::Stored {
-            published: published.contains(&column.name),
-        });
-    }
-    Ok(())
-}
-
-/// The `(schema, name)` of the table with `pg_class.oid` = `oid`, if it still exists.
-pub async fn table_name(client: &Client, oid: u32) -> Result<Option<(String, String)>, PgError> {
-    let row = client
-        .query_opt(
-            "SELECT n.nspname::text, c.relname::text
-               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE c.oid = $1 AND c.relkind IN ('r', 'p')",
-            &[&oid],
-        )
-        .await
-        .map_err(|e| PgError::query("looking up the followed table by OID", e))?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
 }

@@ -3,9 +3,14 @@
 //!
 //! - `cdc_checkpoints`: one row per pipeline. `lsn` is the position up to which every change is
 //!   durably delivered; the UPDATE that moves it carries `WHERE lsn <= new`, so it never moves
-//!   backward whatever the caller does (invariant 2).
-//! - `cdc_sync_runs`: one row per checkpointed stretch of delivery (the user's sync history).
-//! - `cdc_dead_letters`: rows that could not become events, with the reason.
+//!   backward whatever the caller does (invariant 2). `full_sync_generation` counts the full
+//!   syncs started anew (not restarts of an interrupted one); it is part of the snapshot
+//!   messageIds, so a resync re-sends under new ids.
+//! - `cdc_sync_runs`: one row per checkpointed stretch of delivery (the user's sync history),
+//!   pruned to the configured retention by [`prune_sync_runs`].
+//! - `cdc_dead_letters`: rows that could not become events, with the reason. Each carries the
+//!   messageId its event would have had, unique per pipeline: a replay of a transaction (after a
+//!   crash or a failed delivery) does not write its dead letters twice.
 //!
 //! Migrations are numbered; each runs once, in a transaction, under an advisory lock so two
 //! processes starting together do not race. The seed's grants (`GRANT ALL ON SCHEMA
@@ -77,6 +82,16 @@ CREATE INDEX cdc_dead_letters_pipeline_idx ON "_rudderstack".cdc_dead_letters (p
         r#"ALTER TABLE "_rudderstack".cdc_checkpoints ADD COLUMN table_oid oid;
            ALTER TABLE "_rudderstack".cdc_checkpoints ADD COLUMN identifier_columns jsonb;"#,
     ),
+    (
+        3,
+        r#"
+ALTER TABLE "_rudderstack".cdc_checkpoints
+    ADD COLUMN full_sync_generation bigint NOT NULL DEFAULT 0;
+ALTER TABLE "_rudderstack".cdc_dead_letters ADD COLUMN message_id uuid;
+CREATE UNIQUE INDEX cdc_dead_letters_message_idx
+    ON "_rudderstack".cdc_dead_letters (pipeline, message_id);
+"#,
+    ),
 ];
 
 /// Where the first full sync stands.
@@ -134,6 +149,8 @@ pub struct Checkpoint {
     pub table_oid: Option<u32>,
     /// The identifier columns the last full sync used (see [`IdentifierColumnState`]).
     pub identifier_columns: Vec<IdentifierColumnState>,
+    /// Full syncs started anew so far (0 before the first).
+    pub full_sync_generation: i64,
 }
 
 /// One identifier column as the last full sync used it.
@@ -147,6 +164,23 @@ pub struct IdentifierColumnState {
     pub attnum: i16,
 }
 
+impl Checkpoint {
+    /// The generation the full sync that starts now belongs to: the same as the stored one when
+    /// it restarts an interrupted full sync of the same mapping (its rows are re-sent under the
+    /// same messageIds), else the next one (a first run, `slotstream resync`, a mapping change:
+    /// every row is sent under a new messageId).
+    pub fn next_full_sync_generation(&self, mapping_hash: &str) -> i64 {
+        let restart = self.full_sync_state == FullSyncState::Running
+            && !self.resync_requested
+            && self.mapping_hash.as_deref() == Some(mapping_hash);
+        if restart {
+            self.full_sync_generation
+        } else {
+            self.full_sync_generation + 1
+        }
+    }
+}
+
 /// A dead letter: a row that could not be sent, and why.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -158,6 +192,9 @@ pub struct DeadLetter {
     pub reason: String,
     /// The row's traits as they would have been sent.
     pub payload: serde_json::Value,
+    /// The messageId its event would have had: the same when the row is read again (a replay
+    /// of its transaction, a restarted full sync), so it is stored once.
+    pub message_id: uuid::Uuid,
 }
 
 fn lsn_param(lsn: Lsn) -> PgLsn {
@@ -221,11 +258,16 @@ pub async fn load(client: &Client, pipeline: &str) -> Result<Option<Checkpoint>,
     if !exists {
         return Ok(None);
     }
+    // The generation is read through to_jsonb so that `status` and `teardown`, which do not
+    // migrate, also read a state schema from before migration 3.
     let row = client
         .query_opt(
             r#"SELECT pipeline, slot, lsn, mapping_hash, full_sync_state, full_sync_lsn,
-                      resync_requested, schema_name, table_name, table_oid, identifier_columns
-                 FROM "_rudderstack".cdc_checkpoints WHERE pipeline = $1"#,
+                      resync_requested, schema_name, table_name,
+                      (to_jsonb(c) ->> 'table_oid')::oid,
+                      to_jsonb(c) -> 'identifier_columns',
+                      coalesce((to_jsonb(c) ->> 'full_sync_generation')::int8, 0)
+                 FROM "_rudderstack".cdc_checkpoints c WHERE pipeline = $1"#,
             &[&pipeline],
         )
         .await
@@ -245,6 +287,7 @@ pub async fn load(client: &Client, pipeline: &str) -> Result<Option<Checkpoint>,
             .get::<_, Option<serde_json::Value>>(10)
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default(),
+        full_sync_generation: r.get(11),
     }))
 }
 
@@ -307,7 +350,8 @@ pub async fn other_pipeline_using_slot(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Marks a full sync as started at `snapshot_lsn` with `mapping_hash`. With `new_slot` the
+/// Marks a full sync of `generation` (see [`Checkpoint::next_full_sync_generation`]) as started
+/// at `snapshot_lsn` with `mapping_hash`. With `new_slot` the
 /// checkpoint LSN is reset to the snapshot position: the new slot starts there. Otherwise (the
 /// pipeline's slot stays, the snapshot came from a temporary slot) the checkpoint is left where
 /// it is: the changes before the snapshot position may still be on their way to the sink, and
@@ -317,6 +361,7 @@ pub async fn begin_full_sync(
     pipeline: &str,
     snapshot_lsn: Lsn,
     mapping_hash: &str,
+    generation: i64,
     new_slot: bool,
     table: &FollowedTable<'_>,
 ) -> Result<(), PgError> {
@@ -325,14 +370,15 @@ pub async fn begin_full_sync(
             r#"UPDATE "_rudderstack".cdc_checkpoints
                   SET full_sync_state = 'running', full_sync_lsn = $2, full_sync_rows = 0,
                       mapping_hash = $3, lsn = CASE WHEN $4 THEN $2 ELSE lsn END,
-                      resync_requested = false, schema_name = $5, table_name = $6,
-                      table_oid = $7, identifier_columns = $8, updated_at = now()
+                      full_sync_generation = $5, resync_requested = false, schema_name = $6,
+                      table_name = $7, table_oid = $8, identifier_columns = $9, updated_at = now()
                 WHERE pipeline = $1"#,
             &[
                 &pipeline,
                 &lsn_param(snapshot_lsn),
                 &mapping_hash,
                 &new_slot,
+                &generation,
                 &table.schema,
                 &table.name,
                 &table.oid,
@@ -425,6 +471,10 @@ pub struct CheckpointCommit {
 
 /// Commits one checkpoint in one transaction: dead letters, the sync run, and the forward-only
 /// move of `lsn`. Returns the checkpoint now stored (which is `to` unless it was already ahead).
+///
+/// Dead letters may belong to a transaction the checkpoint does not cover yet (a batch ended
+/// inside it); if that transaction is read again, its dead letters come again with the same
+/// messageIds and are skipped here.
 pub async fn commit_checkpoint(
     client: &mut Client,
     pipeline: &str,
@@ -434,17 +484,27 @@ pub async fn commit_checkpoint(
         .transaction()
         .await
         .map_err(|e| PgError::query("starting the checkpoint transaction", e))?;
+    let mut dead: i64 = 0;
     for d in &c.dead_letters {
-        tx.execute(
-            r#"INSERT INTO "_rudderstack".cdc_dead_letters (pipeline, lsn, op, reason, payload)
-               VALUES ($1, $2, $3, $4, $5)"#,
-            &[&pipeline, &lsn_param(d.lsn), &d.op, &d.reason, &d.payload],
-        )
-        .await
-        .map_err(|e| PgError::query("writing a dead letter", e))?;
+        dead += tx
+            .execute(
+                r#"INSERT INTO "_rudderstack".cdc_dead_letters
+                       (pipeline, lsn, op, reason, payload, message_id)
+                   VALUES ($1, $2, $3, $4, $5, $6::text::uuid)
+                   ON CONFLICT (pipeline, message_id) DO NOTHING"#,
+                &[
+                    &pipeline,
+                    &lsn_param(d.lsn),
+                    &d.op,
+                    &d.reason,
+                    &d.payload,
+                    &d.message_id.to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| PgError::query("writing a dead letter", e))? as i64;
     }
-    if c.rows > 0 || c.events > 0 || !c.dead_letters.is_empty() {
-        let dead = c.dead_letters.len() as i64;
+    if c.rows > 0 || c.events > 0 || dead > 0 {
         tx.execute(
             r#"INSERT INTO "_rudderstack".cdc_sync_runs
                    (pipeline, kind, start_lsn, end_lsn, rows, events, dead_letters, status,
@@ -482,6 +542,29 @@ pub async fn commit_checkpoint(
     Ok(lsn_from(stored))
 }
 
+/// Deletes the pipeline's sync runs that finished more than `max_age` ago or are not among its
+/// newest `keep_runs` (at least 1); returns how many. Uses the `(pipeline, id)` index.
+pub async fn prune_sync_runs(
+    client: &Client,
+    pipeline: &str,
+    max_age: std::time::Duration,
+    keep_runs: i64,
+) -> Result<u64, PgError> {
+    let max_age_secs = max_age.as_secs_f64();
+    client
+        .execute(
+            r#"DELETE FROM "_rudderstack".cdc_sync_runs
+                WHERE pipeline = $1
+                  AND (coalesce(finished_at, started_at) < now() - make_interval(secs => $2)
+                       OR id < (SELECT id FROM "_rudderstack".cdc_sync_runs
+                                 WHERE pipeline = $1
+                                 ORDER BY id DESC OFFSET $3::int8 - 1 LIMIT 1))"#,
+            &[&pipeline, &max_age_secs, &keep_runs.max(1)],
+        )
+        .await
+        .map_err(|e| PgError::query("pruning the sync history (cdc_sync_runs)", e))
+}
+
 /// Deletes the pipeline's state rows (teardown).
 pub async fn delete_pipeline(client: &Client, pipeline: &str) -> Result<(), PgError> {
     for table in ["cdc_checkpoints", "cdc_sync_runs", "cdc_dead_letters"] {
@@ -494,4 +577,45 @@ pub async fn delete_pipeline(client: &Client, pipeline: &str) -> Result<(), PgEr
             .map_err(|e| PgError::query(format!("deleting from _rudderstack.{table}"), e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(state: FullSyncState, resync: bool, hash: Option<&str>) -> Checkpoint {
+        Checkpoint {
+            pipeline: "p".into(),
+            slot: "s".into(),
+            lsn: Lsn::ZERO,
+            mapping_hash: hash.map(str::to_owned),
+            full_sync_state: state,
+            full_sync_lsn: None,
+            resync_requested: resync,
+            schema_name: "public".into(),
+            table_name: "users".into(),
+            table_oid: None,
+            identifier_columns: Vec::new(),
+            full_sync_generation: 4,
+        }
+    }
+
+    #[test]
+    fn only_a_restart_of_an_interrupted_full_sync_keeps_its_generation() {
+        use FullSyncState::*;
+        let restart = checkpoint(Running, false, Some("h"));
+        assert_eq!(restart.next_full_sync_generation("h"), 4);
+        for (c, why) in [
+            (checkpoint(Running, false, Some("h")), "a mapping change"),
+            (
+                checkpoint(Running, true, Some("other")),
+                "a resync while interrupted",
+            ),
+            (checkpoint(Done, true, Some("other")), "a resync"),
+            (checkpoint(Done, false, Some("h")), "a mapping change"),
+            (checkpoint(Pending, false, None), "the first full sync"),
+        ] {
+            assert_eq!(c.next_full_sync_generation("other"), 5, "{why}");
+        }
+    }
 }

@@ -3,10 +3,13 @@
 //! it. A crash mid-batch can leave a partial last line; the next run appends after it, and the
 //! partial events are sent again from the checkpoint (at least once). A write that fails
 //! halfway (a full disk) is cut back to where it began, so the retry starts on a fresh line.
+//! With `fsync`, the file's directory is fsynced when the file is opened (and so after creating
+//! it): otherwise a power loss could lose a new file's name, and with it batches whose delivery
+//! was acknowledged.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{DeliverFuture, Sink, SinkError, write_jsonl};
 use crate::transform::Event;
@@ -38,6 +41,11 @@ impl FileSink {
             .read(true)
             .open(&path)
             .map_err(io_err)?;
+        // Whether or not this open created the file (an earlier one may have, and failed before
+        // this step), its name is made durable before anything counts as delivered in it.
+        if fsync {
+            sync_parent_dir(&path).map_err(io_err)?;
+        }
         let len = file.metadata().map_err(io_err)?.len();
         if len > 0 {
             use std::io::{Read, Seek, SeekFrom};
@@ -55,6 +63,15 @@ impl FileSink {
             buf: Vec::new(),
         })
     }
+}
+
+/// fsyncs the directory holding `path`, so that a file just created there survives a crash.
+fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
 }
 
 impl Sink for FileSink {

@@ -177,10 +177,17 @@ impl Cells for Vec<Option<String>> {
     }
 }
 
-/// `messageId` of a snapshot row: the row key and its content, so that re-running an
-/// interrupted full sync re-sends unchanged rows under the same ids, while a row changed in
-/// between gets a new id (a deduplicating destination must not drop the newer version).
-pub fn snapshot_row_message_id(pipeline: &str, key_text: &str, row: &ProjectedRow) -> uuid::Uuid {
+/// `messageId` of a snapshot row: the pipeline, the full sync's generation, the row key and its
+/// content. Re-running an interrupted full sync (same generation) re-sends unchanged rows under
+/// the same ids, while a row changed in between gets a new id (a deduplicating destination must
+/// not drop the newer version); a new full sync (`slotstream resync`, a mapping change) sends
+/// every row under a new id, so that such a destination takes them all again.
+pub fn snapshot_row_message_id(
+    pipeline: &str,
+    generation: i64,
+    key_text: &str,
+    row: &ProjectedRow,
+) -> uuid::Uuid {
     // `key \0 traits as JSON`, built in one buffer.
     let mut identity = Vec::with_capacity(key_text.len() + 256);
     identity.extend_from_slice(key_text.as_bytes());
@@ -188,7 +195,7 @@ pub fn snapshot_row_message_id(pipeline: &str, key_text: &str, row: &ProjectedRo
     // Writing JSON into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut identity, &row.traits);
     let identity = String::from_utf8(identity).unwrap_or_default();
-    crate::transform::event::snapshot_message_id(pipeline, &identity)
+    crate::transform::event::snapshot_message_id(pipeline, generation, &identity)
 }
 
 /// One row of a COPY text stream: its cells, unescaped, in one buffer that the parser reuses
@@ -442,14 +449,16 @@ mod tests {
 
     #[test]
     fn snapshot_message_ids_keep_their_scheme() {
-        // UUID v5 in slotstream's namespace of `pipeline \0 snapshot \0 key \0 traits JSON`,
-        // computed independently (Python's uuid.uuid5): re-sent rows keep their ids across
-        // versions only while this holds.
+        // UUID v5 in slotstream's namespace of
+        // `pipeline \0 snapshot \0 generation \0 key \0 traits JSON`, computed independently
+        // (Python's uuid.uuid5): re-sent rows keep their ids across versions only while this
+        // holds.
         let id = crate::transform::event::snapshot_message_id(
             "p",
+            7,
             "[\"1\"]\u{0}{\"email\":\"a@b.c\",\"n\":5}",
         );
-        assert_eq!(id.to_string(), "d222713f-5e19-55d3-857a-88919b221cb0");
+        assert_eq!(id.to_string(), "b0527c8f-f10f-50b7-ad1c-f459eb50e570");
     }
 
     #[test]

@@ -216,12 +216,16 @@ fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     out.extend_from_slice(&digits[start..]);
 }
 
-/// `messageId` of a snapshot row from its identity (see `source::snapshot`: key and content).
-pub fn snapshot_message_id(pipeline: &str, row_identity: &str) -> Uuid {
-    // `pipeline \0 snapshot \0 identity`, without the formatting machinery (once per row).
-    let mut name = Vec::with_capacity(pipeline.len() + row_identity.len() + 10);
+/// `messageId` of a snapshot row of the full sync `generation` from the row's identity (see
+/// `source::snapshot`: key and content).
+pub fn snapshot_message_id(pipeline: &str, generation: i64, row_identity: &str) -> Uuid {
+    // `pipeline \0 snapshot \0 generation \0 identity`, without the formatting machinery (once
+    // per row).
+    let mut name = Vec::with_capacity(pipeline.len() + row_identity.len() + 32);
     name.extend_from_slice(pipeline.as_bytes());
     name.extend_from_slice(b"\0snapshot\0");
+    push_decimal(&mut name, generation.unsigned_abs());
+    name.push(0);
     name.extend_from_slice(row_identity.as_bytes());
     Uuid::new_v5(&MESSAGE_NAMESPACE, &name)
 }
@@ -264,9 +268,10 @@ mod tests {
             let expected = Uuid::new_v5(&MESSAGE_NAMESPACE, name.as_bytes());
             assert_eq!(stream_message_id("p", Lsn(lsn), ordinal), expected);
         }
-        let s = snapshot_message_id("p", "[1]");
-        assert_eq!(s, snapshot_message_id("p", "[1]"));
-        assert_ne!(s, snapshot_message_id("p", "[2]"));
+        let s = snapshot_message_id("p", 1, "[1]");
+        assert_eq!(s, snapshot_message_id("p", 1, "[1]"));
+        assert_ne!(s, snapshot_message_id("p", 1, "[2]"));
+        assert_ne!(s, snapshot_message_id("p", 2, "[1]"));
     }
 
     #[test]
