@@ -534,7 +534,11 @@ async fn run_session(
 
     // What the slot sends must cover what the mapping needs, before anything is read: checked
     // again on Relation messages and before every checkpoint.
-    let verifier = Arc::new(Verifier::prepare(&mut control, config).await?);
+    let verifier = Arc::new(
+        Verifier::prepare(&mut control, config)
+            .await?
+            .for_table_oid(table.oid),
+    );
     verifier
         .verify(&control, full_sync_reason.is_none())
         .await?;

@@ -179,7 +179,13 @@ mod tests {
         )));
         assert!(io.is_retryable(), "a lost connection is retried");
         let tls = SourceError::Replication(PgWireError::Tls("bad certificate".into()));
-        assert!(!tls.is_retryable(), "a TLS failure is fatal");
+        // The session's own handshake comes after a probe with slotstream's checks passed
+        // (`tls`): its failure is retried, and the next attempt's probe stops fatally when the
+        // configuration is really wrong.
+        assert!(
+            tls.is_retryable(),
+            "a TLS failure after a passed probe is retried"
+        );
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct Verifier {
     version_num: i32,
     /// The server's reading of `[mapping] filter`, deparsed once at session start.
     configured: Option<Probe>,
+    /// `pg_class.oid` of the followed table: it is followed by OID, so after a rename the
+    /// publication is checked under the table's current name.
+    table_oid: Option<u32>,
 }
 
 impl Verifier {
@@ -47,7 +50,15 @@ impl Verifier {
             config: config.clone(),
             version_num,
             configured,
+            table_oid: None,
         })
+    }
+
+    /// Checks the publication for the table whose `pg_class.oid` is `oid`, under whatever
+    /// name it has when a check runs (a rename keeps the stream going).
+    pub fn for_table_oid(mut self, oid: u32) -> Self {
+        self.table_oid = Some(oid);
+        self
     }
 
     /// Checks the publication now. The first unmet requirement is an
@@ -56,9 +67,26 @@ impl Verifier {
     /// publication withheld may be missing at the destination). Plain queries only: `client`
     /// may be inside a transaction.
     pub async fn verify(&self, client: &Client, advise_resync: bool) -> Result<(), Error> {
-        let facts = read(client, &self.config, self.version_num, false).await?;
+        let renamed = match self.table_oid {
+            Some(oid) => crate::postgres::catalog::table_name(client, oid)
+                .await?
+                .filter(|(schema, name)| {
+                    *schema != self.config.source.schema || *name != self.config.source.table
+                }),
+            None => None,
+        };
+        let config = match renamed {
+            Some((schema, table)) => {
+                let mut config = self.config.clone();
+                config.source.schema = schema;
+                config.source.table = table;
+                std::borrow::Cow::Owned(config)
+            }
+            None => std::borrow::Cow::Borrowed(&self.config),
+        };
+        let facts = read(client, &config, self.version_num, false).await?;
         let requirements = Requirements {
-            config: &self.config,
+            config: &config,
             version_num: self.version_num,
             configured: self.configured.as_ref(),
             replica_identity: None,
