@@ -41,4 +41,6 @@ mod stream_row_filter_turns_leaving_rows_into_deletes;
 mod stream_rows_without_identifier_are_dead_lettered;
 mod stream_truncate_produces_no_events;
 mod stream_values_match_to_jsonb;
+mod stream_waiting_for_memory_keeps_the_session_alive;
+mod stream_wide_rows_stay_within_the_memory_limit;
 mod value_matches_to_jsonb;

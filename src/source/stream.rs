@@ -32,12 +32,15 @@ use crate::postgres::{PgError, SESSION_OPTIONS, quote_ident};
 /// How often the session reports the acknowledged position to the server, at most.
 const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Builds the walsender session's configuration.
+/// Builds the walsender session's configuration. `buffer_events`: how many messages the
+/// session buffers ahead of the reader (its share of the memory limit: the buffer is counted in
+/// messages, not bytes).
 pub fn replication_config(
     source: &SourceConfig,
     pipeline: &str,
     start_lsn: Lsn,
     ack_lsn: Lsn,
+    buffer_events: usize,
 ) -> ReplicationConfig {
     let password = source
         .password
@@ -79,7 +82,10 @@ pub fn replication_config(
     // update is one small message.
     .with_status_interval(STATUS_INTERVAL)
     .with_wakeup_interval(std::time::Duration::from_secs(5))
-    .with_buffer_size(8192)
+    // While this buffer is full the session's worker stops reading the socket but keeps
+    // sending status updates every `status_interval`, so the server's wal_sender_timeout does
+    // not end a session whose reader waits for memory.
+    .with_buffer_size(buffer_events.max(1))
 }
 
 /// What `pg_replication_slots` says of the pipeline's slot.
