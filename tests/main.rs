@@ -14,6 +14,7 @@ mod check_reports_replication_slot_problems;
 mod check_reports_wal_level_and_identifier_failures;
 mod check_stops_at_connection_failures;
 mod cli_rejects_malformed_config;
+mod destination_failure_ends_a_silent_stream_at_once;
 mod destination_failure_loses_nothing;
 mod destination_recovers_after_a_partial_write;
 mod full_sync_is_consistent_with_concurrent_writer;

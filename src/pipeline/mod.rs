@@ -21,6 +21,8 @@
 //!    the item is delivered (and, for a dead letter, checkpointed). The split of the limit
 //!    between the replication buffer, the items in flight, the batch and the sink is in
 //!    [`crate::batch::budget`].
+//! 5. A deliverer that ends (an error) stops the reader at once, whatever it waits for: the
+//!    reader's waits all watch the channel's closing.
 //!
 //! One shutdown path: SIGTERM or Ctrl-C stops the reader; the deliverer drains the channel,
 //! delivers, checkpoints, and the final position is acknowledged before exit.

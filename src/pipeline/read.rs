@@ -92,6 +92,13 @@ impl Outbox {
         let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(CHUNK_ITEMS));
         self.tx.send(chunk).await.map_err(|_| Stop::DelivererGone)
     }
+
+    /// Completes once the deliverer has ended (its end of the channel is gone). Owns a sender
+    /// of its own, so one waiter can serve a whole loop while the outbox is in use.
+    pub(super) fn deliverer_gone(&self) -> impl Future<Output = ()> + use<> {
+        let tx = self.tx.clone();
+        async move { tx.closed().await }
+    }
 }
 
 impl Reader<'_> {
@@ -432,11 +439,15 @@ impl Reader<'_> {
         // One waiter for the whole stream: a `wait_for` per message would register and drop a
         // waiter each time.
         let mut shutdown_requested = std::pin::pin!(shutdown.wait_for(|s| *s));
+        // Likewise one waiter for the deliverer's end: an idle stream may not send anything
+        // for a long time, and a deliverer that failed must not wait for that.
+        let mut deliverer_gone = std::pin::pin!(self.out.deliverer_gone());
         let qualified = format!("{}.{}", src.schema, src.table);
         loop {
             let event = tokio::select! {
                 biased;
                 _ = &mut shutdown_requested => return Ok(Stop::Shutdown),
+                () = &mut deliverer_gone => return Ok(Stop::DelivererGone),
                 changed = self.ack_rx.changed(), if ack_open => {
                     match changed {
                         Ok(()) => session.update_applied_lsn(*self.ack_rx.borrow_and_update()),
