@@ -417,7 +417,8 @@ async fn assert_run_stops(config: &Path, detail: &str) -> String {
 /// connections): it refuses with a fatal error containing `detail`.
 async fn assert_replication_refused(config: &Path, detail: &str) {
     let config = Config::load(config).expect("config");
-    let err = match replication_config(&config.source, &config.name, Lsn::ZERO, Lsn::ZERO).await {
+    let err = match replication_config(&config.source, &config.name, Lsn::ZERO, Lsn::ZERO, 8).await
+    {
         Ok(_) => panic!("the replication connection accepted what it must refuse ({detail})"),
         Err(e) => Error::from(e),
     };

@@ -9,6 +9,8 @@ pub(super) struct Stretch {
     pub(super) rows: i64,
     pub(super) events: i64,
     pub(super) dead_letters: Vec<DeadLetter>,
+    /// Bytes of the memory budget the dead letters hold until the checkpoint stores them.
+    pub(super) dead_letter_bytes: u64,
     pub(super) started_unix_micros: i64,
 }
 
@@ -27,6 +29,7 @@ impl Stretch {
             rows: 0,
             events: 0,
             dead_letters: Vec::new(),
+            dead_letter_bytes: 0,
             started_unix_micros: unix_micros_now(),
         }
     }
@@ -52,13 +55,15 @@ pub(super) struct Deliverer {
     /// How much sync history to keep, and when it was last pruned (never, in this session).
     pub(super) history: SyncHistory,
     pub(super) last_prune: Option<Instant>,
+    /// The memory budget: bytes of items go back to it once they are let go.
+    pub(super) budget: Arc<MemoryBudget>,
 }
 
 impl Deliverer {
     pub(super) async fn run(
         &mut self,
         sink: &mut dyn Sink,
-        mut rx: mpsc::Receiver<Vec<Item>>,
+        mut rx: mpsc::Receiver<Chunk>,
     ) -> Result<Lsn, Error> {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -67,12 +72,16 @@ impl Deliverer {
             tokio::select! {
                 chunk = rx.recv() => match chunk {
                     Some(items) => {
-                        for item in items {
-                            self.handle(sink, item).await?;
+                        for (item, bytes) in items {
+                            self.handle(sink, item, bytes).await?;
                         }
+                        self.flush_if_starved(sink, &rx).await?;
                     }
                     None => break,
                 },
+                _ = self.budget.starved(), if !self.batch.is_empty() => {
+                    self.flush_if_starved(sink, &rx).await?;
+                }
                 _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
                     self.flush(sink).await?;
                 }
@@ -84,15 +93,39 @@ impl Deliverer {
         Ok(self.checkpoint)
     }
 
-    pub(super) async fn handle(&mut self, sink: &mut dyn Sink, item: Item) -> Result<(), Error> {
+    /// Delivers the batch now if the reader waits for memory and has nothing more to hand over
+    /// (the channel is empty): what the batch holds is all that can free it.
+    async fn flush_if_starved(
+        &mut self,
+        sink: &mut dyn Sink,
+        rx: &mpsc::Receiver<Chunk>,
+    ) -> Result<(), Error> {
+        if self.budget.is_starved() && rx.is_empty() {
+            self.flush(sink).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles one item, which holds `bytes` of the memory budget.
+    pub(super) async fn handle(
+        &mut self,
+        sink: &mut dyn Sink,
+        item: Item,
+        bytes: u64,
+    ) -> Result<(), Error> {
         match item {
             Item::Event(e) => {
                 self.stretch.events += 1;
-                if self.batch.push(e) {
+                if self.batch.push(e, bytes) {
                     self.flush(sink).await?;
                 }
+                return Ok(());
             }
-            Item::DeadLetter(d) => self.stretch.dead_letters.push(*d),
+            Item::DeadLetter(d) => {
+                self.stretch.dead_letters.push(*d);
+                self.stretch.dead_letter_bytes += bytes;
+                return Ok(());
+            }
             Item::Commit { end_lsn, rows } => {
                 self.stretch.rows += rows;
                 self.batch.commit(end_lsn);
@@ -119,6 +152,7 @@ impl Deliverer {
                 tracing::info!(rows, lsn = %lsn, "full sync delivered; streaming from its position");
             }
         }
+        self.budget.give_back(bytes);
         Ok(())
     }
 
@@ -127,9 +161,11 @@ impl Deliverer {
             return Ok(());
         }
         sink.deliver(self.batch.events_mut()).await?;
+        let bytes = self.batch.bytes();
         if let Some(lsn) = self.batch.delivered() {
             self.durable = self.durable.max(lsn);
         }
+        self.budget.give_back(bytes);
         Ok(())
     }
 
@@ -174,6 +210,7 @@ impl Deliverer {
             started_unix_micros: self.stretch.started_unix_micros,
         };
         let stored = state::commit_checkpoint(&mut self.control, &self.pipeline, &commit).await?;
+        self.budget.give_back(self.stretch.dead_letter_bytes);
         if commit.events > 0 || !commit.dead_letters.is_empty() {
             tracing::debug!(from = %commit.from, to = %stored, events = commit.events, "checkpoint");
         }

@@ -15,9 +15,15 @@
 //!    to a keepalive's WAL end received outside a transaction with nothing pending.
 //! 3. A restart (crash, kill -9, server restart, destination outage) resumes at the checkpoint:
 //!    the whole session is rebuilt from the stored state, never from memory.
-//! 4. The channel blocks when full, so memory is bounded by its capacity plus one batch,
-//!    whatever the transaction, table or window size.
-//! 5. What the slot sends covers what the mapping needs: the publication is verified with the
+//! 4. Memory is bounded in bytes by `[schedule] memory_limit`, whatever the transaction, table
+//!    or window size: the reader takes each item's estimated size from a byte budget before
+//!    queueing it and waits while the budget is spent; the deliverer gives the bytes back once
+//!    the item is delivered (and, for a dead letter, checkpointed). The split of the limit
+//!    between the replication buffer, the items in flight, the batch and the sink is in
+//!    [`crate::batch::budget`].
+//! 5. A deliverer that ends (an error) stops the reader at once, whatever it waits for: the
+//!    reader's waits all watch the channel's closing.
+//! 6. What the slot sends covers what the mapping needs: the publication is verified with the
 //!    code `check` uses ([`Verifier`]) at session start, on each Relation message of the
 //!    followed table, and before every checkpoint. pgoutput silently withholds the changes a
 //!    publication does not cover (a table dropped from it sends nothing at all), so a mismatch
@@ -43,7 +49,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::Lsn;
-use crate::batch::{BatchLimits, MicroBatch};
+use crate::batch::budget::{MemoryBudget, MemoryPlan};
+use crate::batch::{self, BatchLimits, MicroBatch};
 use crate::config::{Config, SyncHistory};
 use crate::decode::pgoutput::PgoutputDecoder;
 use crate::decode::value::TypeCatalog;
@@ -71,7 +78,8 @@ use read::{FullSyncIdentity, Outbox, Reader};
 /// Items per message on the reader → deliverer channel: handing rows over in chunks rather than
 /// one by one saves a channel operation, and often a thread wake-up, per row.
 const CHUNK_ITEMS: usize = 256;
-/// Capacity of the reader → deliverer channel, in chunks: at most 4096 items in flight.
+/// Capacity of the reader → deliverer channel, in chunks: at most 4096 items in flight (and at
+/// most the memory budget's bytes, see [`crate::batch::budget`]).
 const CHANNEL_CHUNKS: usize = 16;
 /// Minimum time between two checkpoints that record delivered changes.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
@@ -119,6 +127,25 @@ pub enum Item {
         rows: i64,
     },
 }
+
+impl Item {
+    /// Estimated memory the item holds while in flight: what it takes from the memory budget.
+    fn budget_bytes(&self) -> u64 {
+        let slot = std::mem::size_of::<(Item, u64)>() as u64;
+        slot + match self {
+            Item::Event(e) => batch::event_bytes(e),
+            Item::DeadLetter(d) => {
+                (std::mem::size_of::<DeadLetter>() + d.reason.len()) as u64
+                    + batch::value_bytes(&d.payload)
+            }
+            Item::Commit { .. } | Item::Idle(_) | Item::SnapshotDone { .. } => 0,
+        }
+    }
+}
+
+/// What travels on the reader → deliverer channel: items in WAL order, each with the bytes of
+/// the memory budget it holds (given back by the deliverer once the item is let go).
+type Chunk = Vec<(Item, u64)>;
 
 /// The mapping hash stored with the checkpoint: a change means a full sync (as RudderStack does
 /// when column mappings change).
@@ -543,18 +570,21 @@ async fn run_session(
         .verify(&control, full_sync_reason.is_none())
         .await?;
 
-    let (tx, rx) = mpsc::channel::<Vec<Item>>(CHANNEL_CHUNKS);
+    let (tx, rx) = mpsc::channel::<Chunk>(CHANNEL_CHUNKS);
+    let plan = MemoryPlan::new(config.schedule.memory_limit);
+    let budget = MemoryBudget::new(plan.in_flight);
     let (ack_tx, ack_rx) = watch::channel(checkpoint.lsn);
     let deliverer_control = connect_control(config).await?;
     let limits = BatchLimits {
         max_events: config.schedule.max_batch_events,
         max_delay: config.schedule.max_batch_delay,
-        max_bytes: config.schedule.memory_limit,
+        max_bytes: plan.batch,
     };
     let pipeline_name = config.name.clone();
     let history = config.history;
     let start_lsn = checkpoint.lsn;
     let deliverer_verifier = verifier.clone();
+    let deliverer_budget = budget.clone();
     let deliverer = tokio::spawn(async move {
         let mut sink = sink.lock().await;
         let mut d = Deliverer {
@@ -570,6 +600,7 @@ async fn run_session(
             verifier: deliverer_verifier,
             history,
             last_prune: None,
+            budget: deliverer_budget,
         };
         d.run(&mut **sink, rx).await
     });
@@ -584,7 +615,8 @@ async fn run_session(
         config,
         control,
         ctx,
-        out: Outbox::new(tx),
+        out: Outbox::new(tx, budget),
+        replication_events: plan.replication_events,
         ack_rx,
         shutdown,
         verifier,

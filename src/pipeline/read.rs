@@ -10,6 +10,8 @@ pub(super) struct Reader<'a> {
     pub(super) control: tokio_postgres::Client,
     pub(super) ctx: TableContext,
     pub(super) out: Outbox,
+    /// Capacity of the replication session's event buffer (see [`MemoryPlan`]).
+    pub(super) replication_events: usize,
     pub(super) ack_rx: watch::Receiver<Lsn>,
     pub(super) shutdown: watch::Receiver<bool>,
     /// Checks that the publication covers what the mapping needs.
@@ -32,23 +34,31 @@ pub(super) enum Stop {
 }
 
 /// The reader's end of the channel: items queue here and go to the deliverer in chunks.
+///
+/// Every item first takes its estimated size from the memory budget (see
+/// [`crate::batch::budget`]); while the budget is spent the outbox hands over what it holds and
+/// waits for the deliverer to give bytes back. Every wait also watches the channel's closing:
+/// a deliverer that ended stops the reader at once.
 pub(super) struct Outbox {
-    pub(super) tx: mpsc::Sender<Vec<Item>>,
-    /// Items not yet handed to the deliverer, in WAL order (fewer than [`CHUNK_ITEMS`]).
-    pub(super) pending: Vec<Item>,
+    pub(super) tx: mpsc::Sender<Chunk>,
+    /// Items not yet handed to the deliverer, in WAL order (fewer than [`CHUNK_ITEMS`]), each
+    /// with the bytes it took from the budget.
+    pub(super) pending: Chunk,
+    budget: Arc<MemoryBudget>,
 }
 
 impl Outbox {
-    pub(super) fn new(tx: mpsc::Sender<Vec<Item>>) -> Self {
+    pub(super) fn new(tx: mpsc::Sender<Chunk>, budget: Arc<MemoryBudget>) -> Self {
         Outbox {
             tx,
             pending: Vec::with_capacity(CHUNK_ITEMS),
+            budget,
         }
     }
 
     /// Queues `item` for the deliverer; hands the queue over once it holds a full chunk.
     pub(super) async fn send(&mut self, item: Item) -> Result<(), Stop> {
-        self.pending.push(item);
+        self.queue(item).await?;
         if self.pending.len() >= CHUNK_ITEMS {
             self.flush().await
         } else {
@@ -59,11 +69,32 @@ impl Outbox {
     /// Queues `item` and hands the queue over now: at commits, keepalives and the end of the
     /// full sync, so a committed change never waits for later rows.
     pub(super) async fn send_now(&mut self, item: Item) -> Result<(), Stop> {
-        self.pending.push(item);
+        self.queue(item).await?;
         self.flush().await
     }
 
-    /// Hands the queued items to the deliverer (blocks while the channel is full).
+    /// Takes the item's bytes from the budget (waiting if it is spent) and queues it.
+    async fn queue(&mut self, item: Item) -> Result<(), Stop> {
+        let bytes = item.budget_bytes();
+        let taken = match self.budget.try_take(bytes) {
+            Some(taken) => taken,
+            None => {
+                // Only the deliverer gives bytes back, and only for items it has: hand over
+                // what is queued here before waiting.
+                self.flush().await?;
+                let budget = self.budget.clone();
+                tokio::select! {
+                    taken = budget.take(bytes) => taken,
+                    () = self.tx.closed() => return Err(Stop::DelivererGone),
+                }
+            }
+        };
+        self.pending.push((item, taken));
+        Ok(())
+    }
+
+    /// Hands the queued items to the deliverer (blocks while the channel is full; a closed
+    /// channel ends the wait at once).
     pub(super) async fn flush(&mut self) -> Result<(), Stop> {
         if self.pending.is_empty() {
             return Ok(());
@@ -71,9 +102,32 @@ impl Outbox {
         let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(CHUNK_ITEMS));
         self.tx.send(chunk).await.map_err(|_| Stop::DelivererGone)
     }
+
+    /// Completes once the deliverer has ended (its end of the channel is gone). Owns a sender
+    /// of its own, so one waiter can serve a whole loop while the outbox is in use.
+    pub(super) fn deliverer_gone(&self) -> impl Future<Output = ()> + use<> {
+        let tx = self.tx.clone();
+        async move { tx.closed().await }
+    }
 }
 
 impl Reader<'_> {
+    /// The replication session's configuration, its event buffer sized from the memory budget.
+    async fn replication_config(
+        &self,
+        start: Lsn,
+        ack: Lsn,
+    ) -> Result<pgwire_replication::ReplicationConfig, Error> {
+        Ok(stream::replication_config(
+            &self.config.source,
+            &self.config.name,
+            start,
+            ack,
+            self.replication_events,
+        )
+        .await?)
+    }
+
     pub(super) async fn run(
         mut self,
         full_sync_reason: Option<String>,
@@ -117,9 +171,7 @@ impl Reader<'_> {
                         )
                         .await?;
                         let ack = *self.ack_rx.borrow();
-                        let cfg =
-                            stream::replication_config(src, &self.config.name, snapshot_lsn, ack)
-                                .await?;
+                        let cfg = self.replication_config(snapshot_lsn, ack).await?;
                         let session = ReplicationClient::connect(cfg)
                             .await
                             .map_err(SourceError::from)?;
@@ -130,13 +182,7 @@ impl Reader<'_> {
                         if slot.is_some() {
                             stream::drop_slot(&self.control, &src.slot).await?;
                         }
-                        let cfg = stream::replication_config(
-                            src,
-                            &self.config.name,
-                            Lsn::ZERO,
-                            Lsn::ZERO,
-                        )
-                        .await?;
+                        let cfg = self.replication_config(Lsn::ZERO, Lsn::ZERO).await?;
                         let exported = stream::create_slot_with_snapshot(cfg, &src.slot).await?;
                         state::begin_full_sync(
                             &self.control,
@@ -179,9 +225,7 @@ impl Reader<'_> {
                         stream::check_slot(&src.slot, info, &src.database, &self.config.name)?
                     }
                 }
-                let cfg =
-                    stream::replication_config(src, &self.config.name, checkpoint, checkpoint)
-                        .await?;
+                let cfg = self.replication_config(checkpoint, checkpoint).await?;
                 let session = ReplicationClient::connect(cfg)
                     .await
                     .map_err(SourceError::from)?;
@@ -239,7 +283,7 @@ impl Reader<'_> {
         let src = &self.config.source;
         let name = &self.config.name;
         let temporary = stream::snapshot_slot_name(&src.slot);
-        let cfg = stream::replication_config(src, name, Lsn::ZERO, Lsn::ZERO).await?;
+        let cfg = self.replication_config(Lsn::ZERO, Lsn::ZERO).await?;
         let exported = match stream::create_temporary_slot_with_snapshot(cfg, &temporary).await {
             Ok(exported) => exported,
             Err(SourceError::Replication(e)) if crate::source::sqlstate(&e) == Some("53400") => {
@@ -269,7 +313,7 @@ impl Reader<'_> {
         // The imported snapshot belongs to this transaction now: the temporary slot can go.
         drop(exported.session);
         tracing::info!(slot = %src.slot, from = %checkpoint, to = %snapshot_lsn, "delivering the slot's changes up to the full sync's snapshot");
-        let cfg = stream::replication_config(src, name, checkpoint, checkpoint).await?;
+        let cfg = self.replication_config(checkpoint, checkpoint).await?;
         let mut session = ReplicationClient::connect(cfg)
             .await
             .map_err(SourceError::from)?;
@@ -426,10 +470,14 @@ impl Reader<'_> {
         // One waiter for the whole stream: a `wait_for` per message would register and drop a
         // waiter each time.
         let mut shutdown_requested = std::pin::pin!(shutdown.wait_for(|s| *s));
+        // Likewise one waiter for the deliverer's end: an idle stream may not send anything
+        // for a long time, and a deliverer that failed must not wait for that.
+        let mut deliverer_gone = std::pin::pin!(self.out.deliverer_gone());
         loop {
             let event = tokio::select! {
                 biased;
                 _ = &mut shutdown_requested => return Ok(Stop::Shutdown),
+                () = &mut deliverer_gone => return Ok(Stop::DelivererGone),
                 changed = self.ack_rx.changed(), if ack_open => {
                     match changed {
                         Ok(()) => session.update_applied_lsn(*self.ack_rx.borrow_and_update()),

@@ -44,11 +44,14 @@ const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10
 
 /// Builds the walsender session's configuration. With an sslmode that requires TLS this
 /// probes the server first (`source::tls`): a TLS configuration error is returned here, fatal.
+/// `buffer_events`: how many messages the session buffers ahead of the reader (its share of
+/// the memory limit: the buffer is counted in messages, not bytes).
 pub async fn replication_config(
     source: &SourceConfig,
     pipeline: &str,
     start_lsn: Lsn,
     ack_lsn: Lsn,
+    buffer_events: usize,
 ) -> Result<ReplicationConfig, PgError> {
     let password = source
         .password
@@ -76,7 +79,10 @@ pub async fn replication_config(
     // update is one small message.
     .with_status_interval(STATUS_INTERVAL)
     .with_wakeup_interval(std::time::Duration::from_secs(5))
-    .with_buffer_size(8192))
+    // While this buffer is full the session's worker stops reading the socket but keeps
+    // sending status updates every `status_interval`, so the server's wal_sender_timeout does
+    // not end a session whose reader waits for memory.
+    .with_buffer_size(buffer_events.max(1)))
 }
 
 /// What `pg_replication_slots` says of the pipeline's slot.

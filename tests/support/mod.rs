@@ -708,6 +708,45 @@ impl Fixture {
         assert_eq!(code, 0, "run --once failed\nstdout:\n{out}\nstderr:\n{err}");
     }
 
+    /// `slotstream run --once`, to completion, measured: (exit code, stderr, peak resident
+    /// memory of the process in bytes, from the kernel's accounting of that one child).
+    pub async fn run_once_peak_rss(&self) -> (i32, String, u64) {
+        let log_path = self.dir.path().join("run-once.log");
+        let log = std::fs::File::create(&log_path).expect("log");
+        let child = Command::new(slotstream_bin())
+            .args(["run", "--once", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn slotstream run --once");
+        let pid = child.id() as libc::pid_t;
+        // wait4 reaps the child and reports its own rusage (RUSAGE_CHILDREN would mix in the
+        // other tests' children).
+        let (status, maxrss_kib) = tokio::task::spawn_blocking(move || {
+            let mut status: libc::c_int = 0;
+            // SAFETY: a zeroed rusage is a valid value for wait4 to fill.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: wait4 on our own child, with valid pointers.
+            let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+            assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+            (status, usage.ru_maxrss as u64)
+        })
+        .await
+        .expect("wait4 task");
+        // Reaped above: the Child handle must not be waited for again.
+        drop(child);
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        };
+        let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
+        (code, stderr, maxrss_kib * 1024)
+    }
+
     /// Starts `slotstream run` (continuous) in the background; stderr goes to `run.log`.
     pub fn spawn_run(&self) -> std::process::Child {
         let log = std::fs::File::create(self.dir.path().join("run.log")).expect("log");
