@@ -107,7 +107,17 @@ async fn sigterm_delivers_checkpoints_and_acknowledges_what_was_read() {
     );
     assert_eq!(users.len(), ROWS, "a row was delivered twice");
 
-    // What is delivered is checkpointed, and the checkpoint is acknowledged.
+    // What is delivered is checkpointed, and the checkpoint is acknowledged (the walsender
+    // applies the last status update a moment after the process is gone).
+    support::wait_until(
+        Duration::from_secs(10),
+        "the slot acknowledged up to the checkpoint",
+        || async {
+            let (checkpoint, confirmed) = fx.positions().await;
+            checkpoint.is_some() && confirmed == checkpoint
+        },
+    )
+    .await;
     let (checkpoint, confirmed) = fx.positions().await;
     let checkpoint = checkpoint.unwrap();
     let last = events.iter().map(faults::event_lsn).max().unwrap();

@@ -722,29 +722,32 @@ impl Fixture {
             .stderr(log)
             .spawn()
             .expect("spawn slotstream run --once");
-        let pid = child.id() as libc::pid_t;
-        // wait4 reaps the child and reports its own rusage (RUSAGE_CHILDREN would mix in the
-        // other tests' children).
-        let (status, maxrss_kib) = tokio::task::spawn_blocking(move || {
-            let mut status: libc::c_int = 0;
-            // SAFETY: a zeroed rusage is a valid value for wait4 to fill.
-            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: wait4 on our own child, with valid pointers.
-            let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-            assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
-            (status, usage.ru_maxrss as u64)
+        // The child's own high-water mark (VmHWM), sampled until it exits. Not its rusage:
+        // ru_maxrss starts from the spawning process's resident size (the mm the child was
+        // spawned from), and this one test binary may be large while other tests run.
+        let (code, peak_kib) = tokio::task::spawn_blocking(move || {
+            let mut child = child;
+            let status_path = format!("/proc/{}/status", child.id());
+            let mut peak_kib: u64 = 0;
+            loop {
+                if let Ok(text) = std::fs::read_to_string(&status_path)
+                    && let Some(kib) = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmHWM:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                {
+                    peak_kib = peak_kib.max(kib);
+                }
+                if let Some(status) = child.try_wait().expect("try_wait") {
+                    return (status.code().unwrap_or(-1), peak_kib);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         })
         .await
-        .expect("wait4 task");
-        // Reaped above: the Child handle must not be waited for again.
-        drop(child);
-        let code = if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            -1
-        };
+        .expect("sampling task");
         let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
-        (code, stderr, maxrss_kib * 1024)
+        (code, stderr, peak_kib * 1024)
     }
 
     /// Starts `slotstream run` (continuous) in the background; stderr goes to `run.log`.
