@@ -59,13 +59,15 @@ async fn role_and_database_timeouts_break_neither_the_full_sync_nor_the_stream()
         "the run's sessions idle past idle_session_timeout",
         || {
             let c = &c;
-            let pattern = format!("slotstream/{name}%");
+            let plain = format!("slotstream/{name}");
+            let lock = format!("slotstream/{name} (pid ");
             async move {
                 c.query_one(
                     "SELECT count(*) FILTER (WHERE state = 'idle'
                                                AND state_change < now() - interval '1 second')
-                       FROM pg_stat_activity WHERE application_name LIKE $1",
-                    &[&pattern],
+                       FROM pg_stat_activity
+                      WHERE application_name = $1 OR starts_with(application_name, $2)",
+                    &[&plain, &lock],
                 )
                 .await
                 .unwrap()

@@ -58,11 +58,19 @@ async fn wait_delivered(fx: &support::Fixture, user: &str, child: &mut faults::R
 }
 
 /// Terminates the pipeline's backends whose application_name matches `pattern` (LIKE).
-async fn terminate(c: &tokio_postgres::Client, pattern: &str) -> i64 {
+async fn terminate(c: &tokio_postgres::Client, name: &str, lock_of: Option<u32>) -> i64 {
+    // Exact names, not LIKE: the `_` of pipeline names is a LIKE wildcard, and a prefix would
+    // reach other tests' pipelines (p_t_1_5 is a prefix of p_t_1_57).
+    let plain = format!("slotstream/{name}");
+    let lock = match lock_of {
+        Some(pid) => format!("slotstream/{name} (pid {pid})"),
+        None => format!("slotstream/{name} (pid "),
+    };
     c.query_one(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-          WHERE application_name LIKE $1 AND pid <> pg_backend_pid()",
-        &[&pattern],
+          WHERE pid <> pg_backend_pid()
+            AND (($3 AND application_name = $1) OR starts_with(application_name, $2))",
+        &[&plain, &lock, &lock_of.is_none()],
     )
     .await
     .unwrap()
@@ -108,7 +116,7 @@ async fn a_second_run_exits_at_once_and_the_first_keeps_the_lock() {
 
     // Every session of the first run ends: it reconnects, keeps the lock and streams on.
     let name = &fx.name;
-    assert!(terminate(&c, &format!("slotstream/{name}%")).await >= 3);
+    assert!(terminate(&c, name, None).await >= 3);
     insert(&c, "u2").await;
     wait_delivered(&fx, "u2", &mut child).await;
     assert_already_running(&fx, &["--once"], pid);
@@ -116,10 +124,7 @@ async fn a_second_run_exits_at_once_and_the_first_keeps_the_lock() {
     // Only the lock's session ends: the first run takes the lock again.
     // The first run's own lock session (a second run that just gave up may still have one
     // closing).
-    assert_eq!(
-        terminate(&c, &format!("slotstream/{name} (pid {pid})")).await,
-        1
-    );
+    assert_eq!(terminate(&c, name, Some(pid)).await, 1);
     insert(&c, "u3").await;
     wait_delivered(&fx, "u3", &mut child).await;
     support::wait_until(Duration::from_secs(30), "the lock is held again", || {

@@ -112,6 +112,16 @@ async fn events_written_after_a_server_restart_arrive() {
     let log = fx.run_log();
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{log}");
     let events = fx.events();
+    // The walsender applies the last status update a moment after the process is gone.
+    support::wait_until(
+        Duration::from_secs(10),
+        "the slot acknowledged up to the checkpoint",
+        || async {
+            let (checkpoint, confirmed) = fx.positions().await;
+            checkpoint.is_some() && confirmed == checkpoint
+        },
+    )
+    .await;
     let (checkpoint, confirmed) = fx.positions().await;
     let checkpoint = checkpoint.unwrap();
     let last = events.iter().map(faults::event_lsn).max().unwrap();
