@@ -379,14 +379,10 @@ pub(super) fn identifier_gone(
 
 /// (role, column name) of each identifier column `projection` resolved in `rel`.
 fn identifier_roles(projection: &Projection, rel: &RelationBody) -> Vec<(&'static str, String)> {
-    [
-        ("user_id", projection.user_id),
-        ("anonymous_id", projection.anonymous_id),
-        ("email", projection.email),
-    ]
-    .into_iter()
-    .filter_map(|(role, i)| Some((role, rel.columns.get(i?)?.name.clone())))
-    .collect()
+    projection
+        .identifier_positions()
+        .filter_map(|(role, i)| Some((role, rel.columns.get(i)?.name.clone())))
+        .collect()
 }
 
 /// The configured identifier columns, for messages.

@@ -328,21 +328,17 @@ fn identifier_columns(
     projection: &Projection,
     table: &catalog::Table,
 ) -> Vec<state::IdentifierColumnState> {
-    [
-        ("user_id", projection.user_id),
-        ("anonymous_id", projection.anonymous_id),
-        ("email", projection.email),
-    ]
-    .into_iter()
-    .filter_map(|(role, index)| {
-        let column = table.columns.get(index?)?;
-        Some(state::IdentifierColumnState {
-            role: role.to_owned(),
-            name: column.name.clone(),
-            attnum: column.attnum,
+    projection
+        .identifier_positions()
+        .filter_map(|(role, index)| {
+            let column = table.columns.get(index)?;
+            Some(state::IdentifierColumnState {
+                role: role.to_owned(),
+                name: column.name.clone(),
+                attnum: column.attnum,
+            })
         })
-    })
-    .collect()
+        .collect()
 }
 
 /// Refuses to start when an identifier column the last full sync used was renamed or dropped
@@ -562,7 +558,7 @@ async fn run_session(
     // What the slot sends must cover what the mapping needs, before anything is read: checked
     // again on Relation messages and before every checkpoint.
     let verifier = Arc::new(
-        Verifier::prepare(&mut control, config)
+        Verifier::prepare(&mut control, config, version.num)
             .await?
             .for_table_oid(table.oid),
     );

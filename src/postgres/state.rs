@@ -245,17 +245,22 @@ pub async fn migrate(client: &mut Client) -> Result<(), PgError> {
         .map_err(|e| PgError::query("committing the _rudderstack migration", e))
 }
 
-/// Reads the pipeline's checkpoint row, if there is one (tolerates missing state tables).
-pub async fn load(client: &Client, pipeline: &str) -> Result<Option<Checkpoint>, PgError> {
-    let exists: bool = client
+/// Whether the state tables exist (commands that do not migrate, such as `status`, may run
+/// before the first `run` created them).
+async fn state_tables_exist(client: &Client) -> Result<bool, PgError> {
+    Ok(client
         .query_one(
             r#"SELECT to_regclass('"_rudderstack".cdc_checkpoints') IS NOT NULL"#,
             &[],
         )
         .await
         .map_err(|e| PgError::query("looking for the state tables", e))?
-        .get(0);
-    if !exists {
+        .get(0))
+}
+
+/// Reads the pipeline's checkpoint row, if there is one (tolerates missing state tables).
+pub async fn load(client: &Client, pipeline: &str) -> Result<Option<Checkpoint>, PgError> {
+    if !state_tables_exist(client).await? {
         return Ok(None);
     }
     // The generation is read through to_jsonb so that `status` and `teardown`, which do not
@@ -328,15 +333,7 @@ pub async fn other_pipeline_using_slot(
     pipeline: &str,
     slot: &str,
 ) -> Result<Option<String>, PgError> {
-    let exists: bool = client
-        .query_one(
-            r#"SELECT to_regclass('"_rudderstack".cdc_checkpoints') IS NOT NULL"#,
-            &[],
-        )
-        .await
-        .map_err(|e| PgError::query("looking for the state tables", e))?
-        .get(0);
-    if !exists {
+    if !state_tables_exist(client).await? {
         return Ok(None);
     }
     let row = client

@@ -423,6 +423,18 @@ impl Projection {
         self.type_oids.get(index).copied()
     }
 
+    /// `(role, position)` of each identifier column the projection resolved, roles named as
+    /// under `[mapping.identifiers]`: `user_id`, `anonymous_id`, `email`.
+    pub fn identifier_positions(&self) -> impl Iterator<Item = (&'static str, usize)> {
+        [
+            ("user_id", self.user_id),
+            ("anonymous_id", self.anonymous_id),
+            ("email", self.email),
+        ]
+        .into_iter()
+        .filter_map(|(role, index)| Some((role, index?)))
+    }
+
     /// Positions of every column the projection reads (traits and identifiers), sorted, unique.
     pub fn needed_columns(&self) -> Vec<usize> {
         let mut v: Vec<usize> = self.traits.iter().map(|t| t.index).collect();

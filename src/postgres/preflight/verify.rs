@@ -31,14 +31,13 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// Reads the server version and deparses `[mapping] filter` (in a transaction that is
+    /// Deparses `[mapping] filter` for a server of `version_num` (in a transaction that is
     /// rolled back; `client` must not be inside a transaction).
-    pub async fn prepare(client: &mut Client, config: &Config) -> Result<Self, PgError> {
-        let version_num: i32 = client
-            .query_one("SELECT current_setting('server_version_num')::int4", &[])
-            .await
-            .map_err(|e| PgError::query("reading the server version", e))?
-            .get(0);
+    pub async fn prepare(
+        client: &mut Client,
+        config: &Config,
+        version_num: i32,
+    ) -> Result<Self, PgError> {
         let configured = match &config.mapping.filter {
             Some(filter) if version_num >= PG15 => {
                 let qtable = quote_qualified(&config.source.schema, &config.source.table);
@@ -61,38 +60,56 @@ impl Verifier {
         self
     }
 
+    /// The followed table's current `(schema, name)` when it differs from the config's (a
+    /// rename: the table is followed by OID); `None` when it is as configured or unknown.
+    async fn current_name(&self, client: &Client) -> Result<Option<(String, String)>, PgError> {
+        let Some(oid) = self.table_oid else {
+            return Ok(None);
+        };
+        let src = &self.config.source;
+        Ok(crate::postgres::catalog::table_name(client, oid)
+            .await?
+            .filter(|(schema, name)| *schema != src.schema || *name != src.table))
+    }
+
     /// Checks the publication now. The first unmet requirement is an
     /// [`Error::Requirement`] with `check`'s line and fix (and, with `advise_resync`, the
     /// advice to run a full sync once fixed: the pipeline has streamed, so changes the
     /// publication withheld may be missing at the destination). Plain queries only: `client`
     /// may be inside a transaction.
     pub async fn verify(&self, client: &Client, advise_resync: bool) -> Result<(), Error> {
-        let renamed = match self.table_oid {
-            Some(oid) => crate::postgres::catalog::table_name(client, oid)
-                .await?
-                .filter(|(schema, name)| {
-                    *schema != self.config.source.schema || *name != self.config.source.table
-                }),
-            None => None,
-        };
-        let config = match renamed {
-            Some((schema, table)) => {
-                let mut config = self.config.clone();
-                config.source.schema = schema;
-                config.source.table = table;
-                std::borrow::Cow::Owned(config)
+        // The table's name and the publication are read by separate queries: a rename
+        // committed between them would look like a table gone from the publication, so a
+        // failure is believed only when the name did not change meanwhile.
+        let mut name = self.current_name(client).await?;
+        let report = loop {
+            let config = match &name {
+                Some((schema, table)) => {
+                    let mut config = self.config.clone();
+                    config.source.schema = schema.clone();
+                    config.source.table = table.clone();
+                    std::borrow::Cow::Owned(config)
+                }
+                None => std::borrow::Cow::Borrowed(&self.config),
+            };
+            let facts = read(client, &config, self.version_num, false).await?;
+            let requirements = Requirements {
+                config: &config,
+                version_num: self.version_num,
+                configured: self.configured.as_ref(),
+                replica_identity: None,
+            };
+            let mut report = Report::default();
+            requirements.evaluate(&facts, &mut report);
+            if report.results.iter().all(|r| r.outcome != Outcome::Fail) {
+                return Ok(());
             }
-            None => std::borrow::Cow::Borrowed(&self.config),
+            let now = self.current_name(client).await?;
+            if now == name {
+                break report;
+            }
+            name = now;
         };
-        let facts = read(client, &config, self.version_num, false).await?;
-        let requirements = Requirements {
-            config: &config,
-            version_num: self.version_num,
-            configured: self.configured.as_ref(),
-            replica_identity: None,
-        };
-        let mut report = Report::default();
-        requirements.evaluate(&facts, &mut report);
         let mut failures = report
             .results
             .into_iter()
