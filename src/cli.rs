@@ -68,6 +68,18 @@ pub enum Command {
         /// The pipeline's config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Send only rows whose traits differ from what the ledger says was last sent (and, in
+        /// mirror mode, `Record Deleted` for rows gone from the table): the way back after a
+        /// lost slot.
+        #[arg(long)]
+        changed_only: bool,
+    },
+    /// Deliver the open schedule window now: asks the running `slotstream run` to, or (when
+    /// none runs) catches up, delivers and exits like `run --once`.
+    Sync {
+        /// The pipeline's config file.
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Drop the slot and this pipeline's state.
     Teardown {

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::SecretString;
+
+use crate::batch::schedule::Schedule;
 use serde::Deserialize;
 
 /// The prefix of environment variables that override config keys: `SLOTSTREAM__SOURCE__PORT=5433`.
@@ -153,6 +155,7 @@ pub struct RawIdentifiers {
 pub struct RawSchedule {
     frequency: Option<String>,
     start_at: Option<String>,
+    cron: Option<String>,
     max_batch_events: Option<usize>,
     max_batch_delay: Option<String>,
     memory_limit: Option<String>,
@@ -163,6 +166,8 @@ pub struct RawSchedule {
 #[serde(deny_unknown_fields)]
 pub struct RawSync {
     mode: Option<String>,
+    ledger: Option<bool>,
+    on_truncate: Option<String>,
     history_retention: Option<String>,
     history_keep_runs: Option<u64>,
 }
@@ -201,6 +206,11 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     /// Whether deletes are sent.
     pub sync_mode: SyncMode,
+    /// `sync.ledger`: the sent-state ledger in `_rudderstack` is kept (mirror deletes under the
+    /// default replica identity, no-op suppression, `resync --changed-only`).
+    pub ledger: bool,
+    /// What a TRUNCATE does (mirror mode with the ledger).
+    pub on_truncate: OnTruncate,
     /// How much of the sync history (`_rudderstack.cdc_sync_runs`) is kept.
     pub history: SyncHistory,
     /// Where events go.
@@ -320,25 +330,25 @@ impl IdentifierColumns {
 /// When batches are delivered.
 #[derive(Debug, Clone)]
 pub struct ScheduleConfig {
-    /// Realtime micro-batches, or a window length.
-    pub frequency: Frequency,
-    /// Seconds after midnight UTC that windows are aligned to.
-    pub start_at_secs: u32,
-    /// Realtime: a batch is delivered when it holds this many events…
+    /// Realtime micro-batches, or windows closed by a frequency, a cron expression or on request.
+    pub schedule: Schedule,
+    /// A batch is delivered when it holds this many events (realtime; and the page size when a
+    /// window is delivered)…
     pub max_batch_events: usize,
-    /// …or when its first event has waited this long.
+    /// …or when its first event has waited this long (realtime).
     pub max_batch_delay: Duration,
-    /// Cap on buffered event bytes; reaching it flushes early, never drops.
+    /// Cap on buffered bytes; reaching it flushes early (realtime) or stages the window, never
+    /// drops.
     pub memory_limit: u64,
 }
 
-/// The dashboard's "Run Frequency".
+/// What a TRUNCATE of the followed table does in mirror mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Frequency {
-    /// Deliver continuously in micro-batches.
-    Realtime,
-    /// Deliver once per window of this length.
-    Every(Duration),
+pub enum OnTruncate {
+    /// `Record Deleted` for every row the ledger holds.
+    DeleteAll,
+    /// A log line only (the destination keeps every user).
+    Log,
 }
 
 /// Whether deletes are sent.
@@ -551,6 +561,24 @@ impl RawConfig {
             }
         };
         let history = self.sync.history()?;
+        let ledger = self.sync.ledger.unwrap_or(true);
+        let on_truncate = match self.sync.on_truncate.as_deref() {
+            None if sync_mode == SyncMode::Mirror && ledger => OnTruncate::DeleteAll,
+            None | Some("log") => OnTruncate::Log,
+            Some("delete_all") if sync_mode == SyncMode::Mirror && ledger => OnTruncate::DeleteAll,
+            Some("delete_all") => {
+                return Err(ConfigError::invalid(
+                    "sync.on_truncate",
+                    "is \"delete_all\", which sends `Record Deleted` for every row the ledger holds: it needs mode = \"mirror\" and ledger = true",
+                ));
+            }
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "sync.on_truncate",
+                    format!("is {other:?}; use \"delete_all\" (mirror mode) or \"log\""),
+                ));
+            }
+        };
         let destination = self.destination.validate()?;
         let metrics_listen = match self.metrics.listen {
             None => None,
@@ -573,6 +601,8 @@ impl RawConfig {
             mapping,
             schedule,
             sync_mode,
+            ledger,
+            on_truncate,
             history,
             destination,
             metrics_listen,
@@ -766,40 +796,53 @@ impl RawMapping {
 
 impl RawSchedule {
     fn validate(self) -> Result<ScheduleConfig, ConfigError> {
-        let frequency = match self.frequency.as_deref().unwrap_or("realtime") {
-            "realtime" => Frequency::Realtime,
-            other => {
-                let d = parse_duration("schedule.frequency", other)?;
-                if d < Duration::from_secs(60) {
+        let frequency = self.frequency.as_deref();
+        let schedule = match (frequency, self.cron.as_deref()) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "schedule.cron",
+                    "is set together with schedule.frequency: use one of them",
+                ));
+            }
+            (None, Some(expression)) => Schedule::cron(expression).map_err(|e| {
+                ConfigError::invalid(
+                    "schedule.cron",
+                    format!(
+                        "is {expression:?}: {e}; write 5 fields (minute hour day month weekday, UTC), e.g. \"0 2 * * *\""
+                    ),
+                )
+            })?,
+            (None | Some("realtime"), None) => Schedule::Realtime,
+            (Some("manual"), None) => Schedule::Manual,
+            (Some(other), None) => {
+                let period = parse_duration("schedule.frequency", other)?;
+                if period < Duration::from_secs(1) {
                     return Err(ConfigError::invalid(
                         "schedule.frequency",
                         format!(
-                            "is {other:?}; windows are at least \"1m\" (use \"realtime\" for continuous delivery)"
+                            "is {other:?}; windows are at least \"1s\" (or use \"realtime\" or \"manual\")"
                         ),
                     ));
                 }
-                // Accepted and ignored would be worse than refused: every event would stream
-                // in realtime while the user believes in windows.
-                return Err(ConfigError::invalid(
-                    "schedule.frequency",
-                    format!(
-                        "is {other:?}, but schedule windows are not in this release: use \"realtime\", or run `slotstream run --once` from a scheduler (cron, a systemd timer) every {}",
-                        humantime::format_duration(d)
-                    ),
-                ));
+                let start_at = self.start_at.as_deref().unwrap_or("00:00");
+                let start_at_secs = parse_start_at(start_at).ok_or_else(|| {
+                    ConfigError::invalid(
+                        "schedule.start_at",
+                        format!(
+                            "is {start_at:?}; write a UTC time of day as \"HH:MM\", e.g. \"02:00\""
+                        ),
+                    )
+                })?;
+                Schedule::Every {
+                    period,
+                    start_at_secs,
+                }
             }
         };
-        let start_at = self.start_at.as_deref().unwrap_or("00:00");
-        let start_at_secs = parse_start_at(start_at).ok_or_else(|| {
-            ConfigError::invalid(
-                "schedule.start_at",
-                format!("is {start_at:?}; write a UTC time of day as \"HH:MM\", e.g. \"02:00\""),
-            )
-        })?;
-        if self.start_at.is_some() {
+        if self.start_at.is_some() && !matches!(schedule, Schedule::Every { .. }) {
             return Err(ConfigError::invalid(
                 "schedule.start_at",
-                "aligns schedule windows, which are not in this release: remove it (realtime delivery has no windows)",
+                "aligns windows of a fixed frequency: set schedule.frequency to a duration such as \"1h\", or remove start_at",
             ));
         }
         let max_batch_events = self.max_batch_events.unwrap_or(500);
@@ -830,8 +873,7 @@ impl RawSchedule {
             ));
         }
         Ok(ScheduleConfig {
-            frequency,
-            start_at_secs,
+            schedule,
             max_batch_events,
             max_batch_delay,
             memory_limit,
@@ -951,7 +993,9 @@ type = "stdout"
         assert_eq!(c.source.slot, "slotstream_users_to_rudder");
         assert_eq!(c.source.publication, "slotstream_users_to_rudder");
         assert_eq!(c.source.sslmode, SslMode::Prefer);
-        assert_eq!(c.schedule.frequency, Frequency::Realtime);
+        assert_eq!(c.schedule.schedule, Schedule::Realtime);
+        assert!(c.ledger);
+        assert_eq!(c.on_truncate, OnTruncate::Log);
         assert_eq!(c.schedule.max_batch_events, 500);
         assert_eq!(c.schedule.max_batch_delay, Duration::from_millis(200));
         assert_eq!(c.schedule.memory_limit, 256 * 1024 * 1024);
@@ -997,36 +1041,79 @@ type = "stdout"
 
     #[test]
     fn keys_of_features_not_built_yet_are_refused_not_ignored() {
-        for (extra, key, says) in [
+        let extra = "[metrics]\nlisten = \"127.0.0.1:9187\"\n";
+        let text = MINIMAL.replacen("[destination]", &format!("{extra}[destination]"), 1);
+        match parse(&text, &[]).expect_err("metrics") {
+            ConfigError::Invalid { key, message } => {
+                assert_eq!(key, "metrics.listen");
+                assert!(message.contains("not in this release"), "{message}");
+            }
+            other => panic!("metrics.listen: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn schedules_parse_and_every_key_of_them_is_used() {
+        let with = |extra: &str| {
+            parse(
+                &MINIMAL.replacen("[destination]", &format!("{extra}\n[destination]"), 1),
+                &[],
+            )
+        };
+        let c = with("[schedule]\nfrequency = \"1h\"\nstart_at = \"02:30\"").expect("1h");
+        assert_eq!(
+            c.schedule.schedule,
+            Schedule::Every {
+                period: Duration::from_secs(3600),
+                start_at_secs: 9000
+            }
+        );
+        let c = with("[schedule]\nfrequency = \"2s\"").expect("seconds");
+        assert!(c.schedule.schedule.is_windowed());
+        let c = with("[schedule]\nfrequency = \"manual\"").expect("manual");
+        assert_eq!(c.schedule.schedule, Schedule::Manual);
+        let c = with("[schedule]\ncron = \"0 2 * * *\"").expect("cron");
+        assert!(matches!(c.schedule.schedule, Schedule::Cron { .. }));
+        // The same through the environment.
+        let c = parse(MINIMAL, &[("SLOTSTREAM__SCHEDULE__FREQUENCY", "15m")]).expect("env");
+        assert!(c.schedule.schedule.is_windowed());
+        // start_at is only used by a fixed frequency: elsewhere it is refused, not ignored.
+        for (extra, key) in [
+            ("[schedule]\nstart_at = \"02:00\"", "schedule.start_at"),
             (
-                "[schedule]\nfrequency = \"1h\"\n",
-                "schedule.frequency",
-                "run --once",
-            ),
-            (
-                "[schedule]\nstart_at = \"02:00\"\n",
+                "[schedule]\nfrequency = \"manual\"\nstart_at = \"02:00\"",
                 "schedule.start_at",
-                "not in this release",
             ),
             (
-                "[metrics]\nlisten = \"127.0.0.1:9187\"\n",
-                "metrics.listen",
-                "not in this release",
+                "[schedule]\ncron = \"0 2 * * *\"\nstart_at = \"02:00\"",
+                "schedule.start_at",
             ),
+            (
+                "[schedule]\ncron = \"0 2 * * *\"\nfrequency = \"1h\"",
+                "schedule.cron",
+            ),
+            ("[schedule]\ncron = \"every day\"", "schedule.cron"),
+            ("[schedule]\nfrequency = \"500ms\"", "schedule.frequency"),
+            ("[sync]\non_truncate = \"delete_all\"", "sync.on_truncate"),
+            (
+                "[sync]\nmode = \"mirror\"\nledger = false\non_truncate = \"delete_all\"",
+                "sync.on_truncate",
+            ),
+            ("[sync]\non_truncate = \"shrug\"", "sync.on_truncate"),
         ] {
-            let text = MINIMAL.replacen("[destination]", &format!("{extra}[destination]"), 1);
-            let err = parse(&text, &[]).expect_err(key);
-            match &err {
-                ConfigError::Invalid { key: k, message } => {
-                    assert_eq!(*k, key);
-                    assert!(message.contains(says), "{message}");
-                }
-                other => panic!("{key}: {other:?}"),
+            match with(extra) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{extra}"),
+                other => panic!("{extra}: {other:?}"),
             }
         }
-        // The same through the environment.
-        let err = parse(MINIMAL, &[("SLOTSTREAM__SCHEDULE__FREQUENCY", "15m")]).expect_err("env");
-        assert!(err.to_string().contains("schedule.frequency"), "{err}");
+        let c = with("[sync]\nmode = \"mirror\"").expect("mirror");
+        assert_eq!(c.on_truncate, OnTruncate::DeleteAll);
+        let c =
+            with("[sync]\nmode = \"mirror\"\non_truncate = \"log\"\nledger = true").expect("log");
+        assert_eq!(c.on_truncate, OnTruncate::Log);
+        let c = with("[sync]\nmode = \"mirror\"\nledger = false").expect("no ledger");
+        assert!(!c.ledger);
+        assert_eq!(c.on_truncate, OnTruncate::Log);
     }
 
     #[test]

@@ -46,9 +46,19 @@ async fn run(command: Command) -> Result<i32, Error> {
             slotstream::status::run(&config, json).await?;
             Ok(exit::OK)
         }
-        Command::Resync { config } => {
+        Command::Resync {
+            config,
+            changed_only,
+        } => {
             let config = Config::load(&config)?;
-            slotstream::status::resync(&config).await?;
+            slotstream::status::resync(&config, changed_only).await?;
+            Ok(exit::OK)
+        }
+        Command::Sync { config } => {
+            let config = Config::load(&config)?;
+            if !slotstream::status::request_sync(&config).await? {
+                slotstream::pipeline::run(&config, true).await?;
+            }
             Ok(exit::OK)
         }
         Command::Teardown { config, yes } => {

@@ -193,13 +193,40 @@ pub async fn run(config: &Config, json: bool) -> Result<(), Error> {
     print(&t)
 }
 
-/// `slotstream resync`: the next run does a full sync.
-pub async fn resync(config: &Config) -> Result<(), Error> {
+/// `slotstream sync`: asks the running `slotstream run` of the pipeline to deliver its open
+/// window now. Returns false when no run is live (the caller then runs once).
+pub async fn request_sync(config: &Config) -> Result<bool, Error> {
     let mut client = postgres::connect(&config.source, &config.name)
         .await?
         .client;
     state::migrate(&mut client).await?;
-    if !state::request_resync(&client, &config.name).await? {
+    let Some(holder) = lock::holder(&client, &config.name).await? else {
+        return Ok(false);
+    };
+    if !state::request_sync(&client, &config.name).await? {
+        return Ok(false);
+    }
+    print(&format!(
+        "sync requested: the running slotstream ({}) delivers the open window within a second or two; `slotstream status` shows the sync run\n",
+        holder.describe()
+    ))?;
+    Ok(true)
+}
+
+/// `slotstream resync`: the next run does a full sync (with `changed_only`, one that sends only
+/// the rows that differ from the ledger).
+pub async fn resync(config: &Config, changed_only: bool) -> Result<(), Error> {
+    if changed_only && !config.ledger {
+        return Err(Error::Config(crate::config::ConfigError::Invalid {
+            key: "--changed-only".into(),
+            message: "compares the table with the sent-state ledger, which sync.ledger = false switches off: run `slotstream resync` (every row) instead".into(),
+        }));
+    }
+    let mut client = postgres::connect(&config.source, &config.name)
+        .await?
+        .client;
+    state::migrate(&mut client).await?;
+    if !state::request_resync(&client, &config.name, changed_only).await? {
         return print(&format!(
             "pipeline {:?} has no state yet: its first run is a full sync anyway\n",
             config.name
@@ -214,8 +241,13 @@ pub async fn resync(config: &Config) -> Result<(), Error> {
         None => String::new(),
     };
     print(&format!(
-        "resync requested: the next `slotstream run` of {:?} sends every row again, then streams{running}\n",
-        config.name
+        "resync requested: the next `slotstream run` of {:?} sends {} again, then streams{running}\n",
+        config.name,
+        if changed_only {
+            "the rows that differ from what was last sent (and, in mirror mode, deletes for rows gone)"
+        } else {
+            "every row"
+        }
     ))
 }
 

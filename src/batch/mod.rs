@@ -8,6 +8,9 @@
 //! contains** — a partial transaction is resent after a crash, never skipped (at least once).
 
 pub mod budget;
+pub mod ledger;
+pub mod schedule;
+pub mod window;
 
 use std::time::Duration;
 
@@ -15,6 +18,42 @@ use tokio::time::Instant;
 
 use crate::Lsn;
 use crate::transform::Event;
+
+/// A row change on its way to the destination, with what coalescing and the ledger need.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The identify (insert, update, snapshot) or `Record Deleted` (delete) event. A key-only
+    /// delete's event may name no user yet: the ledger names it (see [`ledger`]).
+    pub event: Event,
+    /// The row's key (its primary key, or replica identity index, cells as a JSON array of
+    /// text): what coalescing and the ledger go by. `None`: the table has no such key, the row
+    /// is neither coalesced nor in the ledger.
+    pub key: Option<String>,
+    /// An update that changed the key: the key the row had before.
+    pub old_key: Option<String>,
+    /// The row did not exist before the window it is in (its first change in the window was an
+    /// insert): a delete of it in the same window sends nothing.
+    pub fresh: bool,
+}
+
+impl Row {
+    /// A row without ledger or coalescing information.
+    pub fn plain(event: Event) -> Row {
+        Row {
+            event,
+            key: None,
+            old_key: None,
+            fresh: false,
+        }
+    }
+
+    /// Estimated memory the row holds.
+    pub fn bytes(&self) -> u64 {
+        event_bytes(&self.event)
+            + self.key.as_ref().map_or(0, |k| heap(k.len()) as u64)
+            + self.old_key.as_ref().map_or(0, |k| heap(k.len()) as u64)
+    }
+}
 
 /// The bounds of a micro-batch.
 #[derive(Debug, Clone, Copy)]
@@ -27,11 +66,11 @@ pub struct BatchLimits {
     pub max_bytes: u64,
 }
 
-/// Events waiting for delivery, and the commit positions they complete.
+/// Rows waiting for delivery, and the commit positions they complete.
 #[derive(Debug)]
 pub struct MicroBatch {
     limits: BatchLimits,
-    events: Vec<Event>,
+    events: Vec<Row>,
     bytes: u64,
     deadline: Option<Instant>,
     /// End LSN of the last commit seen after (or with) the buffered events.
@@ -137,9 +176,9 @@ impl MicroBatch {
         }
     }
 
-    /// Adds an event that holds `bytes` of the memory budget (see [`event_bytes`]); returns
-    /// true when the batch is full and must be delivered now.
-    pub fn push(&mut self, event: Event, bytes: u64) -> bool {
+    /// Adds a row that holds `bytes` of the memory budget (see [`Row::bytes`]); returns true
+    /// when the batch is full and must be delivered now.
+    pub fn push(&mut self, event: Row, bytes: u64) -> bool {
         if self.events.is_empty() {
             self.deadline = Some(Instant::now() + self.limits.max_delay);
         }
@@ -153,9 +192,9 @@ impl MicroBatch {
         self.last_commit = Some(end_lsn);
     }
 
-    /// Whether any event is waiting.
+    /// Whether any row is waiting (or taken and not yet delivered).
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.events.is_empty() && self.bytes == 0
     }
 
     /// Bytes of the memory budget the buffered events hold.
@@ -173,9 +212,9 @@ impl MicroBatch {
         self.deadline
     }
 
-    /// The buffered events, for the sink.
-    pub fn events_mut(&mut self) -> &mut [Event] {
-        &mut self.events
+    /// Takes the buffered rows for delivery; their bytes stay counted until [`Self::delivered`].
+    pub fn take_rows(&mut self) -> Vec<Row> {
+        std::mem::take(&mut self.events)
     }
 
     /// Empties the batch after a successful delivery; returns the commit position it made
@@ -189,7 +228,7 @@ impl MicroBatch {
 
     /// Takes a commit position recorded while no event was buffered (nothing to deliver).
     pub fn take_commit_if_empty(&mut self) -> Option<Lsn> {
-        if self.events.is_empty() {
+        if self.is_empty() {
             self.last_commit.take()
         } else {
             None

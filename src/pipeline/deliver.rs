@@ -1,6 +1,15 @@
-//! The delivering half: micro-batches, the sink, and the checkpoint transaction.
+//! The delivering half: micro-batches (or schedule windows, see [`super::window`]), the
+//! ledger's decisions, the sink, and the checkpoint transaction.
+
+use std::collections::HashMap;
 
 use super::*;
+use crate::batch::ledger::{self, Outcome, Rules, Sent};
+use crate::postgres::ledger as ledger_store;
+
+/// Ledger writes held for the next checkpoint; past this many keys a checkpoint is taken at
+/// once (they are small, but bounded all the same).
+const PENDING_LEDGER_MAX: usize = 100_000;
 
 /// Counters of the stretch of delivery since the last checkpoint (one sync-run row).
 pub(super) struct Stretch {
@@ -8,6 +17,8 @@ pub(super) struct Stretch {
     pub(super) from: Lsn,
     pub(super) rows: i64,
     pub(super) events: i64,
+    /// Rows whose traits were as last sent (the ledger suppressed them).
+    pub(super) unchanged: i64,
     pub(super) dead_letters: Vec<DeadLetter>,
     /// Bytes of the memory budget the dead letters hold until the checkpoint stores them.
     pub(super) dead_letter_bytes: u64,
@@ -28,6 +39,7 @@ impl Stretch {
             from,
             rows: 0,
             events: 0,
+            unchanged: 0,
             dead_letters: Vec::new(),
             dead_letter_bytes: 0,
             started_unix_micros: unix_micros_now(),
@@ -57,6 +69,22 @@ pub(super) struct Deliverer {
     pub(super) last_prune: Option<Instant>,
     /// The memory budget: bytes of items go back to it once they are let go.
     pub(super) budget: Arc<MemoryBudget>,
+    /// How rows are decided (mirror, ledger, whether a full sync re-sends unchanged rows).
+    pub(super) rules: Rules,
+    /// The full-sync generation ledger entries carry.
+    pub(super) generation: i64,
+    /// Ledger writes of delivered stream rows, stored with the next checkpoint.
+    pub(super) pending: HashMap<String, Option<Sent>>,
+    /// Builds events read back from the window stage.
+    pub(super) factory: EventFactory,
+    /// The followed table, quoted, for dead-letter reasons.
+    pub(super) table: String,
+    /// Schedule windows (`None`: realtime).
+    pub(super) window: Option<super::window::Window>,
+    /// `run --once`: the open window is delivered when the stream is caught up.
+    pub(super) deliver_window_at_end: bool,
+    /// Rows per page when a window or the ledger is delivered (`max_batch_events`).
+    pub(super) page_size: usize,
 }
 
 impl Deliverer {
@@ -67,8 +95,10 @@ impl Deliverer {
     ) -> Result<Lsn, Error> {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.start_window(sink).await?;
         loop {
             let deadline = self.batch.deadline();
+            let boundary = self.window.as_ref().and_then(|w| w.boundary());
             tokio::select! {
                 chunk = rx.recv() => match chunk {
                     Some(items) => {
@@ -85,10 +115,19 @@ impl Deliverer {
                 _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
                     self.flush(sink).await?;
                 }
-                _ = tick.tick() => self.maybe_checkpoint(false).await?,
+                _ = async { if let Some(b) = boundary { tokio::time::sleep_until(b).await } }, if boundary.is_some() => {
+                    self.deliver_window(sink, "its boundary").await?;
+                }
+                _ = tick.tick() => {
+                    self.maybe_checkpoint(false).await?;
+                    self.poll_sync_request(sink).await?;
+                }
             }
         }
         self.flush(sink).await?;
+        if self.deliver_window_at_end && self.window.is_some() {
+            self.deliver_window(sink, "`run --once` caught up").await?;
+        }
         self.maybe_checkpoint(true).await?;
         Ok(self.checkpoint)
     }
@@ -114,12 +153,28 @@ impl Deliverer {
         bytes: u64,
     ) -> Result<(), Error> {
         match item {
-            Item::Event(e) => {
-                self.stretch.events += 1;
-                if self.batch.push(e, bytes) {
+            Item::Row(row) => {
+                if row.event.context.sources.op != Op::Snapshot
+                    && let Some(w) = self.window.as_mut()
+                {
+                    w.coalescer.add(row);
+                    self.budget.give_back(bytes);
+                    if w.coalescer.bytes() >= w.cap {
+                        self.stage_window().await?;
+                    }
+                    return Ok(());
+                }
+                if row.event.context.sources.op == Op::Snapshot && self.window_holds_rows() {
+                    // Changes read before a full sync's snapshot go out before its rows.
+                    self.deliver_window(sink, "a full sync starts").await?;
+                }
+                if self.batch.push(row, bytes) {
                     self.flush(sink).await?;
                 }
                 return Ok(());
+            }
+            Item::Truncate(template) => {
+                self.truncate(sink, *template).await?;
             }
             Item::DeadLetter(d) => {
                 self.stretch.dead_letters.push(*d);
@@ -140,6 +195,7 @@ impl Deliverer {
             }
             Item::SnapshotDone { lsn, rows } => {
                 self.flush(sink).await?;
+                self.settle_ledger_after_full_sync(sink).await?;
                 self.stretch.kind = "snapshot";
                 self.stretch.from = lsn;
                 self.stretch.rows = rows;
@@ -160,13 +216,108 @@ impl Deliverer {
         if self.batch.is_empty() {
             return Ok(());
         }
-        sink.deliver(self.batch.events_mut()).await?;
+        let rows = self.batch.take_rows();
+        let snapshot = rows
+            .first()
+            .is_some_and(|r| r.event.context.sources.op == Op::Snapshot);
+        let (mut events, writes) = self.decide(rows, None).await?;
+        sink.deliver(&mut events).await?;
+        self.stretch.events += events.len() as i64;
+        if snapshot {
+            // A full sync's entries are written as its rows are delivered: it is not
+            // checkpointed until done, and starts again if interrupted.
+            ledger_store::write_ledger(&self.control, &self.pipeline, self.generation, &writes)
+                .await?;
+        } else {
+            self.pending.extend(writes);
+        }
         let bytes = self.batch.bytes();
         if let Some(lsn) = self.batch.delivered() {
             self.durable = self.durable.max(lsn);
         }
         self.budget.give_back(bytes);
+        if self.pending.len() >= PENDING_LEDGER_MAX {
+            self.commit_checkpoint(self.durable).await?;
+        }
         Ok(())
+    }
+
+    /// Decides what `rows` become against the ledger (see [`ledger::decide`]): the events to
+    /// send, and the ledger writes once they are delivered (each key once, the last write
+    /// wins). `moved` gives the entries the rows' old keys had, when a window resolved them
+    /// beforehand (see [`ledger_store::resolve_moves`]); otherwise they are looked up.
+    pub(super) async fn decide(
+        &mut self,
+        rows: Vec<Row>,
+        moved: Option<Vec<Option<Sent>>>,
+    ) -> Result<(Vec<Event>, Vec<(String, Option<Sent>)>), Error> {
+        let mut found = HashMap::new();
+        if self.rules.ledger {
+            let mut need: Vec<String> = Vec::new();
+            for r in &rows {
+                for k in [&r.key, &r.old_key].into_iter().flatten() {
+                    if !self.pending.contains_key(k) {
+                        need.push(k.clone());
+                    }
+                }
+            }
+            need.sort_unstable();
+            need.dedup();
+            found = ledger_store::lookup(&self.control, &self.pipeline, &need).await?;
+        }
+        let mut overlay: HashMap<String, Option<Sent>> = HashMap::new();
+        let entry = |k: &str,
+                     overlay: &HashMap<String, Option<Sent>>,
+                     pending: &HashMap<String, Option<Sent>>| {
+            overlay
+                .get(k)
+                .or_else(|| pending.get(k))
+                .cloned()
+                .unwrap_or_else(|| found.get(k).cloned())
+        };
+        let mut moved = moved.map(Vec::into_iter);
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            let moved_from = match moved.as_mut() {
+                Some(m) => m.next().flatten(),
+                None => row
+                    .old_key
+                    .as_deref()
+                    .and_then(|k| entry(k, &overlay, &self.pending)),
+            };
+            // The old key's entry leaves the ledger (a window's moves left it beforehand).
+            if self.rules.ledger
+                && moved.is_none()
+                && let Some(old) = &row.old_key
+            {
+                overlay.insert(old.clone(), None);
+            }
+            let current = row
+                .key
+                .as_deref()
+                .and_then(|k| entry(k, &overlay, &self.pending));
+            let template = (row.event.message_id, row.event.context.sources.lsn.clone());
+            let d = ledger::decide(row, current.as_ref(), moved_from.as_ref(), self.rules);
+            match d.outcome {
+                Outcome::Unchanged => self.stretch.unchanged += 1,
+                Outcome::Unidentified => {
+                    let dead = DeadLetter {
+                        lsn: template.1.parse().unwrap_or(Lsn::ZERO),
+                        op: Op::Delete.as_str(),
+                        reason: mapper::unidentified_delete_reason(&self.table),
+                        payload: serde_json::Value::Object(serde_json::Map::new()),
+                        message_id: template.0,
+                    };
+                    self.stretch.dead_letters.push(dead);
+                }
+                Outcome::Sent | Outcome::Skipped => {}
+            }
+            events.extend(d.events);
+            if self.rules.ledger {
+                overlay.extend(d.writes);
+            }
+        }
+        Ok((events, overlay.into_iter().collect()))
     }
 
     /// Commits a checkpoint when one is due: every [`CHECKPOINT_INTERVAL`] while rows of the
@@ -178,6 +329,14 @@ impl Deliverer {
         let since = self.last_checkpoint.elapsed();
         let to = self.durable.max(self.idle.unwrap_or(Lsn::ZERO));
         let moved = to > self.checkpoint;
+        if self
+            .window
+            .as_ref()
+            .is_some_and(|w| !w.coalescer.is_empty())
+            && (force || since >= CHECKPOINT_INTERVAL)
+        {
+            return self.stage_window().await;
+        }
         let delivered = self.stretch.rows > 0 || self.stretch.events > 0;
         let dead_letters = !self.stretch.dead_letters.is_empty();
         let has_progress = (delivered && self.durable > self.checkpoint) || dead_letters;
@@ -199,8 +358,22 @@ impl Deliverer {
 
     /// Records the checkpoint at `to` (and the stretch's sync run) and acknowledges it.
     pub(super) async fn write_checkpoint(&mut self, to: Lsn) -> Result<(), Error> {
+        self.write_checkpoint_with(to, None).await
+    }
+
+    /// [`Self::write_checkpoint`], staging window rows in the same transaction.
+    pub(super) async fn write_checkpoint_with(
+        &mut self,
+        to: Lsn,
+        stage: Option<state::StageWrite>,
+    ) -> Result<(), Error> {
         let to = to.max(self.checkpoint);
+        let staged = stage.as_ref().map_or(0, |s| s.rows.len() as i64);
         let commit = CheckpointCommit {
+            unchanged: self.stretch.unchanged,
+            ledger: self.pending.drain().collect(),
+            generation: self.generation,
+            stage,
             from: self.stretch.from,
             to,
             kind: self.stretch.kind,
@@ -210,6 +383,9 @@ impl Deliverer {
             started_unix_micros: self.stretch.started_unix_micros,
         };
         let stored = state::commit_checkpoint(&mut self.control, &self.pipeline, &commit).await?;
+        if let Some(w) = self.window.as_mut() {
+            w.staged += staged;
+        }
         self.budget.give_back(self.stretch.dead_letter_bytes);
         if commit.events > 0 || !commit.dead_letters.is_empty() {
             tracing::debug!(from = %commit.from, to = %stored, events = commit.events, "checkpoint");

@@ -28,7 +28,8 @@
 use std::sync::Arc;
 
 use crate::Lsn;
-use crate::config::{Config, SyncMode};
+use crate::batch::Row;
+use crate::config::{Config, OnTruncate, SyncMode};
 use crate::decode::pgoutput::{Cell, LogicalMessage, OldTuple, RelationBody, TupleData};
 use crate::decode::relation::{RelationCache, SchemaChange};
 use crate::decode::value::TypeCatalog;
@@ -66,6 +67,8 @@ struct Ours {
     projection: Projection,
     /// (config role, column name) of each identifier column the projection resolved.
     identifiers: Vec<(&'static str, String)>,
+    /// Positions of the row key's columns in this shape (`None`: no key, or not wanted).
+    key_positions: Option<Vec<usize>>,
 }
 
 /// The transaction being read.
@@ -88,6 +91,9 @@ pub(super) struct ChangeMapper<'a> {
     pending: Option<SchemaChange>,
     reported_missing: Vec<String>,
     txn: Option<Txn>,
+    /// The row key's columns, when coalescing or the ledger need keys (see
+    /// [`Self::with_row_key`]).
+    key_columns: Option<Vec<String>>,
 }
 
 impl<'a> ChangeMapper<'a> {
@@ -103,7 +109,23 @@ impl<'a> ChangeMapper<'a> {
             pending: None,
             reported_missing: Vec::new(),
             txn: None,
+            key_columns: None,
         }
+    }
+
+    /// Gives every row change its key (the table's [`crate::postgres::catalog::Table::row_key_columns`]),
+    /// for windows and the ledger.
+    pub(super) fn with_row_key(mut self, columns: Option<Vec<String>>) -> Self {
+        self.key_columns = columns;
+        self
+    }
+
+    fn key_positions(&self, rel: &RelationBody) -> Option<Vec<usize>> {
+        let columns = self.key_columns.as_ref()?;
+        columns
+            .iter()
+            .map(|name| rel.columns.iter().position(|c| &c.name == name))
+            .collect()
     }
 
     /// Takes `columns` (the catalog's shape when the session started) as the shape the first
@@ -130,10 +152,12 @@ impl<'a> ChangeMapper<'a> {
             return;
         };
         let identifiers = identifier_roles(&projection, &relation);
+        let key_positions = self.key_positions(&relation);
         self.ours = Some(Ours {
             relation,
             projection,
             identifiers,
+            key_positions,
         });
     }
 
@@ -174,6 +198,7 @@ impl<'a> ChangeMapper<'a> {
             ));
         }
         let mut key_only = false;
+        let mut old_tuple: Option<TupleData> = None;
         let (op, rel_id, tuple) = match msg {
             LogicalMessage::Relation(body) => {
                 let is_ours = body.rel_id == self.table_oid;
@@ -200,12 +225,18 @@ impl<'a> ChangeMapper<'a> {
             } => {
                 // An unchanged TOASTed value is not in the new row, but the whole old row
                 // (REPLICA IDENTITY FULL) carries it: unchanged means equal.
-                if let Some(OldTuple::Full(old)) = old {
-                    for (cell, old) in new.cells.iter_mut().zip(old.cells) {
-                        if matches!(cell, Cell::UnchangedToast) {
-                            *cell = old;
+                match old {
+                    Some(OldTuple::Full(old)) => {
+                        for (cell, old) in new.cells.iter_mut().zip(&old.cells) {
+                            if matches!(cell, Cell::UnchangedToast) {
+                                *cell = old.clone();
+                            }
                         }
+                        old_tuple = Some(old);
                     }
+                    // Sent only when the key changed.
+                    Some(OldTuple::Key(old)) => old_tuple = Some(old),
+                    None => {}
                 }
                 (Op::Update, rel_id, new)
             }
@@ -215,11 +246,27 @@ impl<'a> ChangeMapper<'a> {
                 (Op::Delete, rel_id, tuple)
             }
             LogicalMessage::Truncate { rel_ids, .. } => {
-                if rel_ids.contains(&self.table_oid) {
-                    let lsn = self.txn.as_ref().map(|t| t.commit_lsn).unwrap_or(Lsn::ZERO);
-                    tracing::warn!(table = %self.qualified(), %lsn, "the table was truncated; TRUNCATE produces no events");
+                if !rel_ids.contains(&self.table_oid) {
+                    return Ok(Mapped::Skip);
                 }
-                return Ok(Mapped::Skip);
+                let lsn = self.txn.as_ref().map(|t| t.commit_lsn).unwrap_or(Lsn::ZERO);
+                let delete_all = self.config.sync_mode == SyncMode::Mirror
+                    && self.config.on_truncate == OnTruncate::DeleteAll;
+                let qualified = self.qualified();
+                let Some(txn) = self.txn.as_mut().filter(|_| delete_all) else {
+                    tracing::warn!(table = %qualified, %lsn, "the table was truncated; TRUNCATE produces no events (sync.on_truncate = \"delete_all\" in mirror mode sends Record Deleted for every row)");
+                    return Ok(Mapped::Skip);
+                };
+                txn.ordinal += 1;
+                tracing::warn!(table = %qualified, %lsn, "the table was truncated: every row the ledger holds gets Record Deleted");
+                let empty = ProjectedRow {
+                    user_id: None,
+                    anonymous_id: None,
+                    traits: crate::transform::Traits::default(),
+                };
+                let id = stream_message_id(&self.config.name, txn.commit_lsn, txn.ordinal);
+                let template = self.factory.deleted(empty, &txn.stamp, id);
+                return Ok(Mapped::Item(Item::Truncate(Box::new(template))));
             }
             _ => return Ok(Mapped::Skip),
         };
@@ -236,13 +283,45 @@ impl<'a> ChangeMapper<'a> {
             return Err(crate::decode::DecodeError::UnknownRelation { rel_id }.into());
         };
         txn.rows += 1;
-        if op == Op::Delete && self.config.sync_mode == SyncMode::Upsert {
+        let key = ours
+            .key_positions
+            .as_deref()
+            .and_then(|positions| key_text(&tuple, positions));
+        // Windows need an upsert-mode delete too: an insert and a delete in one window send
+        // nothing.
+        let windowed = self.config.schedule.schedule.is_windowed();
+        if op == Op::Delete
+            && self.config.sync_mode == SyncMode::Upsert
+            && !(windowed && key.is_some())
+        {
             return Ok(Mapped::Skip);
         }
         let rel = self.relations.shape_for(rel_id, &tuple)?;
         let projected = project_tuple(&ours.projection, &tuple, rel, types);
         let (commit_lsn, ordinal) = (txn.commit_lsn, txn.ordinal);
         let pipeline = &self.config.name;
+        let message_id = stream_message_id(pipeline, commit_lsn, ordinal);
+        // A delete that names no user: the ledger may (at delivery), or a window may find the
+        // row was new in it.
+        if op == Op::Delete
+            && !projected.is_identified()
+            && key.is_some()
+            && (self.config.ledger || windowed)
+        {
+            let event = self.factory.deleted(projected, &txn.stamp, message_id);
+            return Ok(Mapped::Item(Item::Row(Row {
+                event,
+                key,
+                old_key: None,
+                fresh: false,
+            })));
+        }
+        let old_key = match (&old_tuple, &ours.key_positions) {
+            (Some(old), Some(positions)) => {
+                key_text(old, positions).filter(|k| Some(k) != key.as_ref())
+            }
+            _ => None,
+        };
         let mut item = row_item(
             self.config,
             self.factory,
@@ -250,13 +329,17 @@ impl<'a> ChangeMapper<'a> {
             op,
             commit_lsn,
             &txn.stamp,
-            |_| stream_message_id(pipeline, commit_lsn, ordinal),
+            |_| message_id,
         );
-        if let (Item::DeadLetter(d), true) = (&mut item, key_only) {
-            d.reason = format!(
-                "the deleted row's old key has no identifier value: the table's replica identity does not include an identifier column, so deletes cannot name the user; run ALTER TABLE {} REPLICA IDENTITY FULL",
-                self.qualified()
-            );
+        match &mut item {
+            Item::DeadLetter(d) if key_only => {
+                d.reason = unidentified_delete_reason(&self.qualified())
+            }
+            Item::Row(row) => {
+                row.key = key;
+                row.old_key = old_key;
+            }
+            _ => {}
         }
         Ok(Mapped::Item(item))
     }
@@ -306,10 +389,12 @@ impl<'a> ChangeMapper<'a> {
             tracing::info!(table = %qualified, ?added, dropped = ?change.dropped, ?retyped, "table shape changed");
         }
         let identifiers = identifier_roles(&projection, &rel);
+        let key_positions = self.key_positions(&rel);
         self.ours = Some(Ours {
             relation: rel,
             projection,
             identifiers,
+            key_positions,
         });
         Ok(())
     }
@@ -429,7 +514,7 @@ pub(super) fn row_item(
     } else {
         factory.identify(projected, op, stamp, id)
     };
-    Item::Event(event)
+    Item::Row(Row::plain(event))
 }
 
 /// Projects a pgoutput tuple through `projection`.
@@ -451,6 +536,29 @@ pub(super) fn project_tuple(
         }
         Some(Cell::Binary(_)) => CellRef::Absent,
     })
+}
+
+/// Why a delete that names no user is a dead letter (without the ledger).
+pub(super) fn unidentified_delete_reason(table: &str) -> String {
+    format!(
+        "the deleted row's old key has no identifier value: the table's replica identity does not include an identifier column, so deletes cannot name the user; keep sync.ledger = true (it names the user by the row's key), or run ALTER TABLE {table} REPLICA IDENTITY FULL"
+    )
+}
+
+/// The row key of `tuple` (cells at `positions`) as a JSON array of text and nulls, as the full
+/// sync writes it; `None` when a key cell was not sent.
+fn key_text(tuple: &TupleData, positions: &[usize]) -> Option<String> {
+    let mut cells = Vec::with_capacity(positions.len());
+    for p in positions {
+        cells.push(match tuple.cells.get(*p)? {
+            Cell::Null => serde_json::Value::Null,
+            Cell::Text(bytes) => {
+                serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())
+            }
+            Cell::UnchangedToast | Cell::Binary(_) => return None,
+        });
+    }
+    serde_json::to_string(&cells).ok()
 }
 
 #[cfg(test)]

@@ -104,7 +104,7 @@ impl<'a> Harness<'a> {
 
     fn event(&mut self, msg: LogicalMessage) -> crate::transform::Event {
         match self.map(msg) {
-            Ok(Some(Item::Event(e))) => e,
+            Ok(Some(Item::Row(r))) => r.event,
             other => panic!("expected an event, got {other:?}"),
         }
     }

@@ -50,7 +50,7 @@ use tokio::time::Instant;
 
 use crate::Lsn;
 use crate::batch::budget::{MemoryBudget, MemoryPlan};
-use crate::batch::{self, BatchLimits, MicroBatch};
+use crate::batch::{self, BatchLimits, MicroBatch, Row};
 use crate::config::{Config, SyncHistory};
 use crate::decode::pgoutput::PgoutputDecoder;
 use crate::decode::value::TypeCatalog;
@@ -70,6 +70,7 @@ mod deliver;
 mod mapper;
 mod progress;
 mod read;
+mod window;
 
 use deliver::{Deliverer, Stretch};
 use mapper::{ChangeMapper, Mapped, row_item};
@@ -106,8 +107,12 @@ const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(5);
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Item {
-    /// An event to deliver (not boxed: items travel in chunks, and this is the common one).
-    Event(Event),
+    /// A row change to deliver (not boxed: items travel in chunks, and this is the common one).
+    Row(Row),
+    /// The followed table was truncated (mirror mode, `sync.on_truncate = "delete_all"`): every
+    /// row the ledger holds gets `Record Deleted`, built on this template (the truncate's
+    /// position and time).
+    Truncate(Box<Event>),
     /// A row that cannot become an event.
     DeadLetter(Box<DeadLetter>),
     /// A transaction committed: once the events before this are delivered, `end_lsn` is durable.
@@ -133,7 +138,8 @@ impl Item {
     fn budget_bytes(&self) -> u64 {
         let slot = std::mem::size_of::<(Item, u64)>() as u64;
         slot + match self {
-            Item::Event(e) => batch::event_bytes(e),
+            Item::Row(r) => r.bytes(),
+            Item::Truncate(e) => batch::event_bytes(e),
             Item::DeadLetter(d) => {
                 (std::mem::size_of::<DeadLetter>() + d.reason.len()) as u64
                     + batch::value_bytes(&d.payload)
@@ -158,6 +164,8 @@ pub fn mapping_hash(config: &Config) -> String {
         "identifiers": m.identifiers.all().iter().map(|c| c.name()).collect::<Vec<_>>(),
         "trait_keys": m.trait_keys,
         "sync_mode": format!("{:?}", config.sync_mode),
+        // Switching the ledger on needs a full sync to fill it.
+        "ledger": config.ledger,
     });
     let digest = Sha256::digest(canonical.to_string().as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
@@ -578,6 +586,24 @@ async fn run_session(
     };
     let pipeline_name = config.name.clone();
     let history = config.history;
+    // A full sync that `resync --changed-only` asked for sends only rows that differ from the
+    // ledger.
+    let changed_only =
+        full_sync_reason.is_some() && checkpoint.resync_changed_only && config.ledger;
+    let rules = batch::ledger::Rules {
+        mirror: config.sync_mode == crate::config::SyncMode::Mirror,
+        ledger: config.ledger,
+        resend_snapshot: !changed_only,
+    };
+    let generation = full_sync.generation;
+    let window = config
+        .schedule
+        .schedule
+        .is_windowed()
+        .then(|| window::Window::new(config.schedule.schedule.clone(), plan.batch));
+    let deliverer_factory = EventFactory::new(&config.name, &src.schema, &src.table);
+    let qualified_table = quote_qualified(&src.schema, &src.table);
+    let page_size = config.schedule.max_batch_events;
     let start_lsn = checkpoint.lsn;
     let deliverer_verifier = verifier.clone();
     let deliverer_budget = budget.clone();
@@ -597,6 +623,14 @@ async fn run_session(
             history,
             last_prune: None,
             budget: deliverer_budget,
+            rules,
+            generation,
+            pending: std::collections::HashMap::new(),
+            factory: deliverer_factory,
+            table: qualified_table,
+            window,
+            deliver_window_at_end: once,
+            page_size,
         };
         d.run(&mut **sink, rx).await
     });

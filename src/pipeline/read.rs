@@ -369,6 +369,8 @@ impl Reader<'_> {
             message: e.to_string(),
         })?;
         let query = SnapshotQuery::new(table, &projection, mapping.filter.as_deref());
+        // Rows carry their key for the ledger (the full sync fills it).
+        let keyed = query.has_row_key() && self.config.ledger;
         if let Some(snapshot_name) = snapshot_name {
             self.import_snapshot(snapshot_name).await?;
         }
@@ -400,7 +402,7 @@ impl Reader<'_> {
                 rows += 1;
                 let (projected, key_text) = query.project(&projection, table, &self.ctx.types, row);
                 let pipeline = &self.config.name;
-                let item = row_item(
+                let mut item = row_item(
                     self.config,
                     &self.ctx.factory,
                     projected,
@@ -409,6 +411,11 @@ impl Reader<'_> {
                     &stamp,
                     |p| snapshot_row_message_id(pipeline, generation, &key_text, p),
                 );
+                if let Item::Row(row) = &mut item
+                    && keyed
+                {
+                    row.key = Some(key_text);
+                }
                 if let Err(stop) = self.out.send(item).await {
                     return Ok(Err(stop));
                 }
@@ -451,7 +458,15 @@ impl Reader<'_> {
     ) -> Result<Stop, Error> {
         let mut decoder = PgoutputDecoder::new(1);
         let factory = self.ctx.factory.clone();
-        let mut mapper = ChangeMapper::new(self.config, &factory, self.ctx.table.oid);
+        let wants_keys = self.config.ledger || self.config.schedule.schedule.is_windowed();
+        let key_columns = self
+            .ctx
+            .table
+            .row_key_columns()
+            .filter(|_| wants_keys)
+            .map(|c| c.into_iter().map(str::to_owned).collect());
+        let mut mapper =
+            ChangeMapper::new(self.config, &factory, self.ctx.table.oid).with_row_key(key_columns);
         mapper.seed_shape(
             self.ctx
                 .table

@@ -108,6 +108,27 @@ impl Table {
             .collect()
     }
 
+    /// The columns that identify a row in the stream as in a full sync: the replica identity
+    /// index when the table names one (what deletes carry), else the primary key; `None` when
+    /// the table has neither (its rows are not coalesced and have no ledger entry).
+    pub fn row_key_columns(&self) -> Option<Vec<&str>> {
+        let pick = |f: fn(&Column) -> bool| -> Vec<&str> {
+            self.columns
+                .iter()
+                .filter(|c| f(c))
+                .map(|c| c.name.as_str())
+                .collect()
+        };
+        let mut key = Vec::new();
+        if self.replica_identity == 'i' && !self.is_partitioned() {
+            key = pick(|c| c.replica_identity);
+        }
+        if key.is_empty() {
+            key = pick(|c| c.primary_key);
+        }
+        (!key.is_empty()).then_some(key)
+    }
+
     /// Whether this is a partitioned table.
     pub fn is_partitioned(&self) -> bool {
         self.partitions.is_some()

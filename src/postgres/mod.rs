@@ -15,6 +15,7 @@
 //! back until an operator acts (a permission, a bad filter, a missing column).
 
 pub mod catalog;
+pub mod ledger;
 pub mod lock;
 pub mod preflight;
 pub mod state;

@@ -92,6 +92,59 @@ CREATE UNIQUE INDEX cdc_dead_letters_message_idx
     ON "_rudderstack".cdc_dead_letters (pipeline, message_id);
 "#,
     ),
+    (
+        4,
+        // Schedule windows, the window stage and the sent-state ledger (see `super::ledger`).
+        r#"
+ALTER TABLE "_rudderstack".cdc_checkpoints
+    ADD COLUMN window_started_at   timestamptz,
+    ADD COLUMN window_ends_at      timestamptz,
+    ADD COLUMN window_start_lsn    pg_lsn,
+    ADD COLUMN window_rows         bigint NOT NULL DEFAULT 0,
+    ADD COLUMN window_dead_letters bigint NOT NULL DEFAULT 0,
+    ADD COLUMN sync_requested      boolean NOT NULL DEFAULT false,
+    ADD COLUMN resync_changed_only boolean NOT NULL DEFAULT false;
+ALTER TABLE "_rudderstack".cdc_sync_runs DROP CONSTRAINT IF EXISTS cdc_sync_runs_kind_check;
+ALTER TABLE "_rudderstack".cdc_sync_runs ADD CONSTRAINT cdc_sync_runs_kind_check
+    CHECK (kind IN ('snapshot', 'stream', 'window'));
+ALTER TABLE "_rudderstack".cdc_sync_runs
+    ADD COLUMN window_start timestamptz,
+    ADD COLUMN window_end   timestamptz,
+    ADD COLUMN coalesced    bigint NOT NULL DEFAULT 0,
+    ADD COLUMN unchanged    bigint NOT NULL DEFAULT 0;
+CREATE TABLE "_rudderstack".cdc_ledger (
+    pipeline     text NOT NULL,
+    row_key      text NOT NULL,
+    user_id      text,
+    anonymous_id text,
+    traits_hash  bytea,
+    generation   bigint NOT NULL,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pipeline, row_key)
+);
+CREATE TABLE "_rudderstack".cdc_window_stage (
+    pipeline           text NOT NULL,
+    row_key            text NOT NULL,
+    old_key            text,
+    fresh              boolean NOT NULL,
+    partial            boolean NOT NULL,
+    kind               text NOT NULL CHECK (kind IN ('identify', 'delete')),
+    message_id         uuid NOT NULL,
+    user_id            text,
+    anonymous_id       text,
+    payload            json,
+    op                 text NOT NULL,
+    lsn                text NOT NULL,
+    original_timestamp text NOT NULL,
+    moved_resolved     boolean NOT NULL DEFAULT false,
+    moved_user_id      text,
+    moved_anonymous_id text,
+    moved_hash         bytea,
+    moved_known        boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (pipeline, row_key)
+);
+"#,
+    ),
 ];
 
 /// Where the first full sync stands.
@@ -151,6 +204,9 @@ pub struct Checkpoint {
     pub identifier_columns: Vec<IdentifierColumnState>,
     /// Full syncs started anew so far (0 before the first).
     pub full_sync_generation: i64,
+    /// `slotstream resync --changed-only`: the next full sync sends only rows that differ from
+    /// the ledger (and, in mirror mode, deletes for rows gone).
+    pub resync_changed_only: bool,
 }
 
 /// One identifier column as the last full sync used it.
@@ -271,7 +327,8 @@ pub async fn load(client: &Client, pipeline: &str) -> Result<Option<Checkpoint>,
                       resync_requested, schema_name, table_name,
                       (to_jsonb(c) ->> 'table_oid')::oid,
                       to_jsonb(c) -> 'identifier_columns',
-                      coalesce((to_jsonb(c) ->> 'full_sync_generation')::int8, 0)
+                      coalesce((to_jsonb(c) ->> 'full_sync_generation')::int8, 0),
+                      coalesce((to_jsonb(c) ->> 'resync_changed_only')::bool, false)
                  FROM "_rudderstack".cdc_checkpoints c WHERE pipeline = $1"#,
             &[&pipeline],
         )
@@ -293,6 +350,7 @@ pub async fn load(client: &Client, pipeline: &str) -> Result<Option<Checkpoint>,
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default(),
         full_sync_generation: r.get(11),
+        resync_changed_only: r.get(12),
     }))
 }
 
@@ -424,7 +482,8 @@ pub async fn finish_full_sync(client: &Client, pipeline: &str, rows: i64) -> Res
     client
         .execute(
             r#"UPDATE "_rudderstack".cdc_checkpoints
-                  SET full_sync_state = 'done', full_sync_rows = $2, updated_at = now()
+                  SET full_sync_state = 'done', full_sync_rows = $2, resync_changed_only = false,
+                      updated_at = now()
                 WHERE pipeline = $1"#,
             &[&pipeline, &rows],
         )
@@ -434,12 +493,17 @@ pub async fn finish_full_sync(client: &Client, pipeline: &str, rows: i64) -> Res
 }
 
 /// Asks for a full sync on the next run.
-pub async fn request_resync(client: &Client, pipeline: &str) -> Result<bool, PgError> {
+pub async fn request_resync(
+    client: &Client,
+    pipeline: &str,
+    changed_only: bool,
+) -> Result<bool, PgError> {
     let n = client
         .execute(
             r#"UPDATE "_rudderstack".cdc_checkpoints
-                  SET resync_requested = true, updated_at = now() WHERE pipeline = $1"#,
-            &[&pipeline],
+                  SET resync_requested = true, resync_changed_only = $2, updated_at = now()
+                WHERE pipeline = $1"#,
+            &[&pipeline, &changed_only],
         )
         .await
         .map_err(|e| PgError::query("requesting a resync", e))?;
@@ -464,6 +528,24 @@ pub struct CheckpointCommit {
     pub dead_letters: Vec<DeadLetter>,
     /// When the stretch started (µs since the Unix epoch).
     pub started_unix_micros: i64,
+    /// Rows whose traits were as last sent (nothing sent).
+    pub unchanged: i64,
+    /// Ledger writes of the delivered rows (see `super::ledger`).
+    pub ledger: Vec<(String, Option<crate::batch::ledger::Sent>)>,
+    /// The full-sync generation ledger writes carry.
+    pub generation: i64,
+    /// Window mode: the coalesced rows this checkpoint stages (no sync run is recorded: the
+    /// window's run is, when it is delivered).
+    pub stage: Option<StageWrite>,
+}
+
+/// What a checkpoint of an open window stages.
+#[derive(Debug, Clone, Default)]
+pub struct StageWrite {
+    /// Coalesced rows by stage key.
+    pub rows: Vec<(String, crate::batch::Row)>,
+    /// (old key, key now) of rows that moved.
+    pub moved: Vec<(String, String)>,
 }
 
 /// Commits one checkpoint in one transaction: dead letters, the sync run, and the forward-only
@@ -481,32 +563,27 @@ pub async fn commit_checkpoint(
         .transaction()
         .await
         .map_err(|e| PgError::query("starting the checkpoint transaction", e))?;
-    let mut dead: i64 = 0;
-    for d in &c.dead_letters {
-        dead += tx
-            .execute(
-                r#"INSERT INTO "_rudderstack".cdc_dead_letters
-                       (pipeline, lsn, op, reason, payload, message_id)
-                   VALUES ($1, $2, $3, $4, $5, $6::text::uuid)
-                   ON CONFLICT (pipeline, message_id) DO NOTHING"#,
-                &[
-                    &pipeline,
-                    &lsn_param(d.lsn),
-                    &d.op,
-                    &d.reason,
-                    &d.payload,
-                    &d.message_id.to_string(),
-                ],
-            )
-            .await
-            .map_err(|e| PgError::query("writing a dead letter", e))? as i64;
+    let dead = insert_dead_letters(&tx, pipeline, &c.dead_letters).await?;
+    if !c.ledger.is_empty() {
+        super::ledger::write_ledger(&tx, pipeline, c.generation, &c.ledger).await?;
     }
-    if c.rows > 0 || c.events > 0 || dead > 0 {
+    if let Some(stage) = &c.stage {
+        super::ledger::stage_rows(&tx, pipeline, stage.rows.clone(), &stage.moved).await?;
+        tx.execute(
+            r#"UPDATE "_rudderstack".cdc_checkpoints
+                  SET window_rows = window_rows + $2,
+                      window_dead_letters = window_dead_letters + $3
+                WHERE pipeline = $1"#,
+            &[&pipeline, &c.rows, &dead],
+        )
+        .await
+        .map_err(|e| PgError::query("counting the window's rows", e))?;
+    } else if c.rows > 0 || c.events > 0 || dead > 0 || c.unchanged > 0 {
         tx.execute(
             r#"INSERT INTO "_rudderstack".cdc_sync_runs
-                   (pipeline, kind, start_lsn, end_lsn, rows, events, dead_letters, status,
-                    started_at, finished_at)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, 'succeeded',
+                   (pipeline, kind, start_lsn, end_lsn, rows, events, dead_letters, unchanged,
+                    status, started_at, finished_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $9, 'succeeded',
                        to_timestamp($8::float8 / 1e6), now())"#,
             &[
                 &pipeline,
@@ -517,6 +594,7 @@ pub async fn commit_checkpoint(
                 &c.events,
                 &dead,
                 &(c.started_unix_micros as f64),
+                &c.unchanged,
             ],
         )
         .await
@@ -537,6 +615,36 @@ pub async fn commit_checkpoint(
         .await
         .map_err(|e| PgError::query("committing the checkpoint", e))?;
     Ok(lsn_from(stored))
+}
+
+/// Writes dead letters (each messageId once: one met again after a replay is skipped);
+/// returns how many were new.
+pub async fn insert_dead_letters(
+    client: &impl tokio_postgres::GenericClient,
+    pipeline: &str,
+    dead_letters: &[DeadLetter],
+) -> Result<i64, PgError> {
+    let mut dead: i64 = 0;
+    for d in dead_letters {
+        dead += client
+            .execute(
+                r#"INSERT INTO "_rudderstack".cdc_dead_letters
+                       (pipeline, lsn, op, reason, payload, message_id)
+                   VALUES ($1, $2, $3, $4, $5, $6::text::uuid)
+                   ON CONFLICT (pipeline, message_id) DO NOTHING"#,
+                &[
+                    &pipeline,
+                    &lsn_param(d.lsn),
+                    &d.op,
+                    &d.reason,
+                    &d.payload,
+                    &d.message_id.to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| PgError::query("writing a dead letter", e))? as i64;
+    }
+    Ok(dead)
 }
 
 /// Deletes the pipeline's sync runs that finished more than `max_age` ago or are not among its
@@ -564,7 +672,26 @@ pub async fn prune_sync_runs(
 
 /// Deletes the pipeline's state rows (teardown).
 pub async fn delete_pipeline(client: &Client, pipeline: &str) -> Result<(), PgError> {
-    for table in ["cdc_checkpoints", "cdc_sync_runs", "cdc_dead_letters"] {
+    let tables: &[&str] = if client
+        .query_one(
+            r#"SELECT to_regclass('"_rudderstack".cdc_ledger') IS NOT NULL"#,
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::query("looking for the ledger", e))?
+        .get(0)
+    {
+        &[
+            "cdc_checkpoints",
+            "cdc_sync_runs",
+            "cdc_dead_letters",
+            "cdc_ledger",
+            "cdc_window_stage",
+        ]
+    } else {
+        &["cdc_checkpoints", "cdc_sync_runs", "cdc_dead_letters"]
+    };
+    for table in tables {
         client
             .execute(
                 &format!(r#"DELETE FROM "_rudderstack".{table} WHERE pipeline = $1"#),
@@ -594,6 +721,7 @@ mod tests {
             table_oid: None,
             identifier_columns: Vec::new(),
             full_sync_generation: 4,
+            resync_changed_only: false,
         }
     }
 
@@ -615,4 +743,175 @@ mod tests {
             assert_eq!(c.next_full_sync_generation("other"), 5, "{why}");
         }
     }
+}
+
+/// The open schedule window, as stored with the checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct WindowState {
+    /// When it opened (seconds since the epoch).
+    pub started_at: Option<i64>,
+    /// Its boundary (seconds since the epoch); `None`: manual.
+    pub ends_at: Option<i64>,
+    /// The checkpoint when it opened.
+    pub start_lsn: Option<Lsn>,
+    /// Changes read into it so far.
+    pub rows: i64,
+    /// Dead letters met so far.
+    pub dead_letters: i64,
+    /// `slotstream sync` asked for it to be delivered now.
+    pub sync_requested: bool,
+}
+
+/// Reads the open window (none before migration 4 or the first window).
+pub async fn load_window(client: &Client, pipeline: &str) -> Result<WindowState, PgError> {
+    let row = client
+        .query_opt(
+            r#"SELECT extract(epoch FROM window_started_at)::int8,
+                      extract(epoch FROM window_ends_at)::int8, window_start_lsn, window_rows,
+                      window_dead_letters, sync_requested
+                 FROM "_rudderstack".cdc_checkpoints WHERE pipeline = $1"#,
+            &[&pipeline],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the open window", e))?;
+    Ok(row
+        .map(|r| WindowState {
+            started_at: r.get(0),
+            ends_at: r.get(1),
+            start_lsn: r.get::<_, Option<PgLsn>>(2).map(lsn_from),
+            rows: r.get(3),
+            dead_letters: r.get(4),
+            sync_requested: r.get(5),
+        })
+        .unwrap_or_default())
+}
+
+/// Opens a window (or moves the boundary of the open one, after a schedule change).
+pub async fn open_window(
+    client: &Client,
+    pipeline: &str,
+    started_at: i64,
+    ends_at: Option<i64>,
+    start_lsn: Lsn,
+) -> Result<(), PgError> {
+    client
+        .execute(
+            r#"UPDATE "_rudderstack".cdc_checkpoints
+                  SET window_started_at = coalesce(window_started_at, to_timestamp($2::float8)),
+                      window_ends_at = to_timestamp($3::float8),
+                      window_start_lsn = coalesce(window_start_lsn, $4)
+                WHERE pipeline = $1"#,
+            &[
+                &pipeline,
+                &(started_at as f64),
+                &ends_at.map(|e| e as f64),
+                &lsn_param(start_lsn),
+            ],
+        )
+        .await
+        .map_err(|e| PgError::query("opening a schedule window", e))?;
+    Ok(())
+}
+
+/// What a delivered window records in the sync history.
+#[derive(Debug, Clone)]
+pub struct WindowRun {
+    /// The window as stored.
+    pub window: WindowState,
+    /// The checkpoint it ends at.
+    pub end_lsn: Lsn,
+    /// Events sent.
+    pub events: i64,
+    /// Coalesced rows delivered from the stage.
+    pub staged: i64,
+    /// Rows whose traits were as last sent.
+    pub unchanged: i64,
+    /// Dead letters made at delivery.
+    pub dead_letters: i64,
+    /// When delivery started (µs since the epoch).
+    pub started_unix_micros: i64,
+    /// The next window's boundary (`None`: manual).
+    pub next_ends_at: Option<i64>,
+    /// When the next window opens (seconds since the epoch).
+    pub next_started_at: i64,
+}
+
+/// Records a delivered window in the sync history and opens the next one, in one transaction.
+pub async fn close_window(
+    client: &mut Client,
+    pipeline: &str,
+    run: &WindowRun,
+) -> Result<(), PgError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| PgError::query("starting the window's closing transaction", e))?;
+    let w = &run.window;
+    let coalesced = (w.rows - run.staged).max(0);
+    tx.execute(
+        r#"INSERT INTO "_rudderstack".cdc_sync_runs
+               (pipeline, kind, start_lsn, end_lsn, rows, events, dead_letters, unchanged,
+                coalesced, window_start, window_end, status, started_at, finished_at)
+           VALUES ($1, 'window', $2, $3, $4, $5, $6, $7, $8, to_timestamp($9::float8),
+                   to_timestamp($10::float8), 'succeeded', to_timestamp($11::float8 / 1e6), now())"#,
+        &[
+            &pipeline,
+            &w.start_lsn.map(lsn_param),
+            &lsn_param(run.end_lsn),
+            &w.rows,
+            &run.events,
+            &(w.dead_letters + run.dead_letters),
+            &run.unchanged,
+            &coalesced,
+            &w.started_at.map(|t| t as f64),
+            &(run.next_started_at as f64),
+            &(run.started_unix_micros as f64),
+        ],
+    )
+    .await
+    .map_err(|e| PgError::query("recording the window's sync run", e))?;
+    tx.execute(
+        r#"UPDATE "_rudderstack".cdc_checkpoints
+              SET window_started_at = to_timestamp($2::float8),
+                  window_ends_at = to_timestamp($3::float8),
+                  window_start_lsn = $4, window_rows = 0, window_dead_letters = 0,
+                  sync_requested = false, updated_at = now()
+            WHERE pipeline = $1"#,
+        &[
+            &pipeline,
+            &(run.next_started_at as f64),
+            &run.next_ends_at.map(|e| e as f64),
+            &lsn_param(run.end_lsn),
+        ],
+    )
+    .await
+    .map_err(|e| PgError::query("opening the next window", e))?;
+    tx.commit()
+        .await
+        .map_err(|e| PgError::query("committing the window's sync run", e))
+}
+
+/// Asks the running pipeline (or the next run) to deliver its open window now; false when
+/// the pipeline has no state yet.
+pub async fn request_sync(client: &Client, pipeline: &str) -> Result<bool, PgError> {
+    let n = client
+        .execute(
+            r#"UPDATE "_rudderstack".cdc_checkpoints SET sync_requested = true WHERE pipeline = $1"#,
+            &[&pipeline],
+        )
+        .await
+        .map_err(|e| PgError::query("requesting a sync", e))?;
+    Ok(n > 0)
+}
+
+/// Whether `slotstream sync` asked for the open window to be delivered.
+pub async fn sync_requested(client: &Client, pipeline: &str) -> Result<bool, PgError> {
+    Ok(client
+        .query_opt(
+            r#"SELECT sync_requested FROM "_rudderstack".cdc_checkpoints WHERE pipeline = $1"#,
+            &[&pipeline],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the sync request", e))?
+        .is_some_and(|r| r.get(0)))
 }

@@ -19,8 +19,8 @@ use crate::transform::mapping::CellRef;
 use crate::transform::{ProjectedRow, Projection};
 
 /// The query that reads the table for a full sync (and for `preview`): the columns the
-/// projection needs, then the row key for messageIds — the primary key, else the replica
-/// identity index, else `ctid` (stable only until the row is updated or the table rewritten;
+/// projection needs, then the row key for messageIds and the ledger — the replica identity
+/// index, else the primary key ([`Table::row_key_columns`]), else `ctid` (stable only until the row is updated or the table rewritten;
 /// with `tableoid` for a partitioned table). A partitioned table is read through its parent,
 /// which covers every partition.
 #[derive(Debug, Clone)]
@@ -30,6 +30,8 @@ pub struct SnapshotQuery {
     /// Table column position → position in the selected row (`usize::MAX`: not selected).
     position: Vec<usize>,
     key_start: usize,
+    /// The key is the table's row key (not `ctid`): it is the ledger's key too.
+    row_key: bool,
 }
 
 impl SnapshotQuery {
@@ -37,19 +39,12 @@ impl SnapshotQuery {
     pub fn new(table: &Table, projection: &Projection, filter: Option<&str>) -> Self {
         let needed = projection.needed_columns();
         let mut key: Vec<String> = table
-            .columns
-            .iter()
-            .filter(|c| c.primary_key)
-            .map(|c| quote_ident(&c.name))
+            .row_key_columns()
+            .unwrap_or_default()
+            .into_iter()
+            .map(quote_ident)
             .collect();
-        if key.is_empty() && table.replica_identity == 'i' && !table.is_partitioned() {
-            key = table
-                .columns
-                .iter()
-                .filter(|c| c.replica_identity)
-                .map(|c| quote_ident(&c.name))
-                .collect();
-        }
+        let row_key = !key.is_empty();
         if key.is_empty() {
             // A partitioned table's ctids repeat across its partitions.
             if table.is_partitioned() {
@@ -82,7 +77,14 @@ impl SnapshotQuery {
             from,
             position,
             key_start,
+            row_key,
         }
+    }
+
+    /// Whether the key [`Self::project`] returns is the table's row key (the primary key or
+    /// replica identity index), not a physical position.
+    pub fn has_row_key(&self) -> bool {
+        self.row_key
     }
 
     /// Cells per row.

@@ -178,6 +178,52 @@ impl Traits {
         self.len() == 0
     }
 
+    /// Whether a column's value was left out (an unchanged TOASTed cell the server did not
+    /// send): such traits are a partial update of the row.
+    pub fn is_partial(&self) -> bool {
+        self.values.iter().any(Option::is_none)
+    }
+
+    /// Fills the values left out of these traits from `earlier` traits of the same row (a
+    /// partial update merged into the row's earlier state). Keys `earlier` has that these lack
+    /// are taken over; keys both have keep this one's value.
+    pub fn fill_from(&mut self, earlier: &Traits) {
+        if Arc::ptr_eq(&self.keys, &earlier.keys) {
+            for (mine, theirs) in self.values.iter_mut().zip(&earlier.values) {
+                if mine.is_none() {
+                    mine.clone_from(theirs);
+                }
+            }
+            return;
+        }
+        // Different shapes (a staged row, a schema change): merge by key.
+        let mut merged = earlier.clone().into_map();
+        for (k, v) in self.iter() {
+            merged.insert(k.to_owned(), v.clone());
+        }
+        *self = Traits::from_map(merged);
+    }
+
+    /// Traits holding exactly `map` (read back from the window stage): same serialization.
+    pub fn from_map(map: Map<String, Value>) -> Traits {
+        Traits::from_entries(map.into_iter().map(|(k, v)| (k, Some(v))))
+    }
+
+    /// Traits of these keys in order, `None` for a value left out.
+    pub fn from_entries(entries: impl IntoIterator<Item = (String, Option<Value>)>) -> Traits {
+        let (columns, values) = entries
+            .into_iter()
+            .map(|(k, v)| (Arc::<str>::from(k), v))
+            .unzip();
+        Traits {
+            keys: Arc::new(TraitKeys {
+                columns,
+                constants: Map::new(),
+            }),
+            values,
+        }
+    }
+
     /// The traits as a JSON object (for a dead letter's payload).
     pub fn into_map(self) -> Map<String, Value> {
         let mut map = Map::with_capacity(self.values.len() + self.keys.constants.len());
