@@ -1,10 +1,11 @@
 //! Deletes follow `sync.mode` (docs/architecture.md §5): in `upsert` mode a streamed DELETE produces
 //! nothing (no event, no dead letter) and the stream goes on; in `mirror` mode it becomes a
 //! `track` event named `Record Deleted` whose properties are the deleted row's identifiers —
-//! which the old row carries only when the replica identity holds them: with
-//! `REPLICA IDENTITY FULL` every delete becomes an event, with the default identity (a primary
-//! key that is not an identifier) the delete cannot be attributed to a user and goes to
-//! `_rudderstack.cdc_dead_letters` with a reason that says how to fix it.
+//! which the old row carries when the replica identity holds them (`REPLICA IDENTITY FULL`);
+//! with the default identity (a primary key that is not an identifier) the sent-state ledger
+//! names the user the key was last sent as. With `sync.ledger = false` such a delete cannot be
+//! attributed to a user and goes to `_rudderstack.cdc_dead_letters` with a reason that says how
+//! to fix it.
 
 use crate::support;
 
@@ -47,12 +48,16 @@ async fn dead_letters(fx: &Fixture) -> Vec<(String, String, Value)> {
 /// Creates the fixture, fills it, runs the full sync, deletes three rows (two in one
 /// transaction), then inserts one more row, and streams.
 async fn delete_scenario(identity_full: bool, mode: &str) -> Fixture {
+    delete_scenario_with(identity_full, mode, "").await
+}
+
+async fn delete_scenario_with(identity_full: bool, mode: &str, sync: &str) -> Fixture {
     let table = if identity_full {
         format!("{TABLE}; ALTER TABLE public.users REPLICA IDENTITY FULL")
     } else {
         TABLE.to_owned()
     };
-    let fx = users_fixture(&table, &format!("[sync]\nmode = \"{mode}\"\n"), None).await;
+    let fx = users_fixture(&table, &format!("[sync]\nmode = \"{mode}\"\n{sync}"), None).await;
     let c = fx.db.connect().await;
     c.batch_execute(ROWS).await.unwrap();
     fx.run_once();
@@ -119,8 +124,28 @@ async fn mirror_mode_with_full_identity_sends_record_deleted() {
 }
 
 #[tokio::test]
-async fn mirror_mode_with_key_identity_dead_letters_unattributable_deletes() {
+async fn mirror_mode_with_key_identity_names_deleted_users_from_the_ledger() {
     let fx = delete_scenario(false, "mirror").await;
+    let events = streamed(&fx);
+    assert_eq!(events.len(), 4, "{events:#?}");
+    let bob = slotstream::transform::mapping::anonymous_id_from_email("bob@example.com");
+    let expected = [
+        json!({"userId": "u_1"}),
+        json!({"anonymousId": bob}),
+        json!({"userId": "u_4", "anonymousId": "anon-4"}),
+    ];
+    for (event, ids) in events.iter().zip(&expected) {
+        assert_eq!(event["event"], "Record Deleted", "{event:#}");
+        assert_eq!(event["properties"], *ids, "{event:#}");
+        assert_eq!(event["userId"], ids["userId"], "{event:#}");
+    }
+    assert_eq!(events[3]["userId"], "u_5");
+    assert!(dead_letters(&fx).await.is_empty());
+}
+
+#[tokio::test]
+async fn mirror_mode_with_key_identity_and_no_ledger_dead_letters_unattributable_deletes() {
+    let fx = delete_scenario_with(false, "mirror", "ledger = false\n").await;
     let events = streamed(&fx);
     assert_eq!(
         events.len(),

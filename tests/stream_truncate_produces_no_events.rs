@@ -1,5 +1,5 @@
-//! A TRUNCATE of the followed table is logged and produces no events (a truncate is not a row
-//! change a destination could apply), and the running stream goes on: rows inserted after the
+//! With `sync.on_truncate = "log"`, a TRUNCATE of the followed table is logged and produces no
+//! events, and the running stream goes on: rows inserted after the
 //! truncate are delivered, and the checkpoint moves past it. Truncating another table together
 //! with it changes nothing.
 
@@ -14,7 +14,7 @@ async fn truncate_is_logged_and_the_stream_continues() {
     let fx = users_fixture(
         "CREATE TABLE public.users (id bigserial PRIMARY KEY, user_id text, name text);
          CREATE TABLE public.audit (id bigserial PRIMARY KEY, note text);",
-        "[sync]\nmode = \"mirror\"\n",
+        "[sync]\nmode = \"mirror\"\non_truncate = \"log\"\n",
         None,
     )
     .await;

@@ -329,13 +329,17 @@ impl Deliverer {
         let since = self.last_checkpoint.elapsed();
         let to = self.durable.max(self.idle.unwrap_or(Lsn::ZERO));
         let moved = to > self.checkpoint;
-        if self
-            .window
-            .as_ref()
-            .is_some_and(|w| !w.coalescer.is_empty())
-            && (force || since >= CHECKPOINT_INTERVAL)
+        // A window's rows (and the rows and dead letters counted with them) are staged: its
+        // sync run is recorded when it is delivered.
+        if let Some(w) = &self.window
+            && (!w.coalescer.is_empty()
+                || self.stretch.rows > 0
+                || !self.stretch.dead_letters.is_empty())
         {
-            return self.stage_window().await;
+            if force || since >= CHECKPOINT_INTERVAL {
+                return self.stage_window().await;
+            }
+            return Ok(());
         }
         let delivered = self.stretch.rows > 0 || self.stretch.events > 0;
         let dead_letters = !self.stretch.dead_letters.is_empty();

@@ -191,6 +191,8 @@ impl Deliverer {
         }
         self.stretch.unchanged -= unchanged;
         let now = now_secs();
+        // A window closes at its boundary, or now when it closes early (sync, --once, TRUNCATE).
+        let closed_at = stored.ends_at.filter(|e| *e <= now).unwrap_or(now);
         let next_ends_at = self
             .window
             .as_ref()
@@ -204,7 +206,7 @@ impl Deliverer {
             dead_letters: dead,
             started_unix_micros: started,
             next_ends_at,
-            next_started_at: now,
+            next_started_at: closed_at,
         };
         state::close_window(&mut self.control, &self.pipeline, &run).await?;
         tracing::info!(

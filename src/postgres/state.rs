@@ -848,7 +848,10 @@ pub async fn close_window(
         .map_err(|e| PgError::query("starting the window's closing transaction", e))?;
     let w = &run.window;
     let coalesced = (w.rows - run.staged).max(0);
-    tx.execute(
+    // An empty window leaves no history.
+    let empty = w.rows == 0 && run.staged == 0 && run.events == 0 && w.dead_letters == 0;
+    if !empty {
+        tx.execute(
         r#"INSERT INTO "_rudderstack".cdc_sync_runs
                (pipeline, kind, start_lsn, end_lsn, rows, events, dead_letters, unchanged,
                 coalesced, window_start, window_end, status, started_at, finished_at)
@@ -870,6 +873,7 @@ pub async fn close_window(
     )
     .await
     .map_err(|e| PgError::query("recording the window's sync run", e))?;
+    }
     tx.execute(
         r#"UPDATE "_rudderstack".cdc_checkpoints
               SET window_started_at = to_timestamp($2::float8),
