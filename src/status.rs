@@ -37,6 +37,26 @@ pub struct Status {
     pub recent_runs: Vec<SyncRun>,
     /// Dead letters recorded for this pipeline.
     pub dead_letters: i64,
+    /// When windows close (`realtime`, `every 1h from 02:00 UTC`, `cron …`, `manual …`).
+    pub schedule: String,
+    /// The open window, if the schedule has windows.
+    pub window: Option<WindowStatus>,
+    /// Rows the sent-state ledger holds (`None`: the ledger is off or not created yet).
+    pub ledger_rows: Option<i64>,
+}
+
+/// The open schedule window.
+#[derive(Debug, Serialize)]
+pub struct WindowStatus {
+    /// When it opened (RFC 3339).
+    pub opened_at: Option<String>,
+    /// Its boundary, when the next sync run starts (RFC 3339); `None`: on `slotstream sync`.
+    pub closes_at: Option<String>,
+    /// Changes read into it so far.
+    pub rows_read: i64,
+    /// Coalesced rows staged in `_rudderstack.cdc_window_stage` (the slot is acknowledged past
+    /// them: the window holds no WAL).
+    pub staged_rows: i64,
 }
 
 /// One row of `_rudderstack.cdc_sync_runs`.
@@ -52,6 +72,10 @@ pub struct SyncRun {
     pub rows: i64,
     /// Events delivered.
     pub events: i64,
+    /// Changes coalesced away (windows).
+    pub coalesced: i64,
+    /// Rows whose traits were as last sent (nothing sent).
+    pub unchanged: i64,
     /// Outcome.
     pub status: String,
     /// When it finished.
@@ -79,8 +103,10 @@ pub async fn gather(config: &Config) -> Result<Status, Error> {
         for r in client
             .query(
                 r#"SELECT kind, start_lsn::text, end_lsn::text, rows, events, status,
-                          to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
-                     FROM "_rudderstack".cdc_sync_runs WHERE pipeline = $1
+                          to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                          coalesce((to_jsonb(r) ->> 'coalesced')::int8, 0),
+                          coalesce((to_jsonb(r) ->> 'unchanged')::int8, 0)
+                     FROM "_rudderstack".cdc_sync_runs r WHERE pipeline = $1
                     ORDER BY id DESC LIMIT 10"#,
                 &[&config.name],
             )
@@ -95,6 +121,8 @@ pub async fn gather(config: &Config) -> Result<Status, Error> {
                 events: r.get(4),
                 status: r.get(5),
                 finished_at: r.get(6),
+                coalesced: r.get(7),
+                unchanged: r.get(8),
             });
         }
         dead_letters = client
@@ -106,7 +134,15 @@ pub async fn gather(config: &Config) -> Result<Status, Error> {
             .map_err(|e| PgError::query("counting dead letters", e))?
             .get(0);
     }
+    let (window, ledger_rows) = if checkpoint.is_some() {
+        window_and_ledger(&client, config).await?
+    } else {
+        (None, None)
+    };
     Ok(Status {
+        schedule: config.schedule.schedule.describe(),
+        window,
+        ledger_rows,
         pipeline: config.name.clone(),
         slot: config.source.slot.clone(),
         slot_exists: slot.is_some(),
@@ -122,6 +158,47 @@ pub async fn gather(config: &Config) -> Result<Status, Error> {
         recent_runs,
         dead_letters,
     })
+}
+
+/// The open window and the ledger's size (tolerates a state schema from before windows).
+async fn window_and_ledger(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<(Option<WindowStatus>, Option<i64>), Error> {
+    let row = client
+        .query_one(
+            r#"SELECT to_regclass('"_rudderstack".cdc_ledger') IS NOT NULL,
+                      to_char((to_jsonb(c) ->> 'window_started_at')::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                      to_char((to_jsonb(c) ->> 'window_ends_at')::timestamptz AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                      coalesce((to_jsonb(c) ->> 'window_rows')::int8, 0)
+                 FROM "_rudderstack".cdc_checkpoints c WHERE pipeline = $1"#,
+            &[&config.name],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the open window", e))?;
+    if !row.get::<_, bool>(0) {
+        return Ok((None, None));
+    }
+    let count = |sql: &'static str| async move {
+        client
+            .query_one(sql, &[&config.name])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .map_err(|e| PgError::query("counting the stage and the ledger", e))
+    };
+    let staged_rows =
+        count(r#"SELECT count(*) FROM "_rudderstack".cdc_window_stage WHERE pipeline = $1"#)
+            .await?;
+    let ledger_rows =
+        count(r#"SELECT count(*) FROM "_rudderstack".cdc_ledger WHERE pipeline = $1"#).await?;
+    let window =
+        (config.schedule.schedule.is_windowed() || staged_rows > 0).then(|| WindowStatus {
+            opened_at: row.get(1),
+            closes_at: row.get(2),
+            rows_read: row.get(3),
+            staged_rows,
+        });
+    Ok((window, config.ledger.then_some(ledger_rows)))
 }
 
 fn print(text: &str) -> Result<(), Error> {
@@ -175,17 +252,32 @@ pub async fn run(config: &Config, json: bool) -> Result<(), Error> {
         }
     ));
     t.push_str(&format!("dead letters  {}\n", s.dead_letters));
+    t.push_str(&format!("schedule      {}\n", s.schedule));
+    if let Some(w) = &s.window {
+        t.push_str(&format!(
+            "window        opened {}, closes {}: {} changes read, {} rows staged (the slot is acknowledged past them)\n",
+            opt(&w.opened_at),
+            w.closes_at.clone().unwrap_or_else(|| "on `slotstream sync`".into()),
+            w.rows_read,
+            w.staged_rows
+        ));
+    }
+    if let Some(n) = s.ledger_rows {
+        t.push_str(&format!("ledger        {n} rows\n"));
+    }
     if !s.recent_runs.is_empty() {
         t.push_str("recent runs:\n");
         for r in &s.recent_runs {
             t.push_str(&format!(
-                "  {} {:8} {} → {}  rows {}  events {}  {}\n",
+                "  {} {:8} {} → {}  rows {}  events {}  coalesced {}  unchanged {}  {}\n",
                 opt(&r.finished_at),
                 r.kind,
                 opt(&r.start_lsn),
                 opt(&r.end_lsn),
                 r.rows,
                 r.events,
+                r.coalesced,
+                r.unchanged,
                 r.status
             ));
         }

@@ -1,6 +1,6 @@
 //! The replica identity must suit the sync mode: NOTHING (or no primary key) makes the server
-//! reject updates of a published table; mirror mode needs the identifier columns in it; a row
-//! filter needs its columns in it. TOASTable selected columns get a warning, not a failure.
+//! reject updates of a published table; mirror mode without the ledger needs the identifier
+//! columns in it; a row filter needs its columns in it. TOASTable selected columns get a warning, not a failure.
 
 use crate::support;
 
@@ -135,7 +135,7 @@ async fn check_fails_in_mirror_mode_when_identifier_is_not_in_replica_identity()
         "CREATE TABLE users (id bigint PRIMARY KEY, email varchar(200), plan int)",
         None,
         "",
-        "[mapping]\ncolumns = [\"plan\"]\n\n[sync]\nmode = \"mirror\"\n",
+        "[mapping]\ncolumns = [\"plan\"]\n\n[sync]\nmode = \"mirror\"\nledger = false\n",
     )
     .await;
     let out = support::run_check(&p.config);
@@ -148,6 +148,27 @@ async fn check_fails_in_mirror_mode_when_identifier_is_not_in_replica_identity()
         vec!["ALTER TABLE \"public\".\"users\" REPLICA IDENTITY FULL;".to_owned()]
     );
     apply_fix_and_recheck(&p, &fixes, "DELETE FROM users").await;
+}
+
+#[tokio::test]
+async fn mirror_mode_with_the_ledger_does_not_need_identifier_in_replica_identity() {
+    let p = pipeline(
+        "rudder_mirror_ledger",
+        "CREATE TABLE users (id bigint PRIMARY KEY, email varchar(200), plan int)",
+        None,
+        "",
+        "[mapping]\ncolumns = [\"plan\"]\n\n[sync]\nmode = \"mirror\"\n",
+    )
+    .await;
+    let out = support::run_check(&p.config);
+    assert_eq!(out.code, 0, "{}", out.dump());
+    assert!(
+        out.with_mark('✓')
+            .iter()
+            .any(|l| l.contains("from the sent-state ledger by its key (\"id\")")),
+        "{}",
+        out.dump()
+    );
 }
 
 #[tokio::test]

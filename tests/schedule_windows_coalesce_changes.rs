@@ -147,6 +147,14 @@ async fn a_manual_window_coalesces_rows_and_suppresses_no_ops() {
         "u_1, u_3 and u_2 are staged once each"
     );
     assert!(streamed(&fx).is_empty(), "{:#?}", streamed(&fx));
+    // `status` shows the open window and what it holds.
+    let (code, out, err) = fx.slotstream("status", &["--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let status: Value = serde_json::from_str(&out).expect("status JSON");
+    assert_eq!(status["window"]["staged_rows"], 3, "{status:#}");
+    assert_eq!(status["window"]["rows_read"], 13, "{status:#}");
+    assert!(status["window"]["closes_at"].is_null(), "manual: {status:#}");
+    assert_eq!(status["ledger_rows"], 2, "{status:#}");
     // `slotstream sync` asks the running pipeline to deliver.
     let (code, out, err) = fx.slotstream("sync", &[]);
     assert_eq!(code, 0, "{out}{err}");

@@ -19,7 +19,11 @@ const TABLE: &str = "CREATE TABLE public.users (
     id bigserial PRIMARY KEY, user_id text, anonymous_id text, email text, name text,
     plan text, secret text)";
 
+/// `ledger = false`: every update is sent, also one that changes no trait (suppressing those is
+/// the ledger's job, proven in `mirror_mode_works_with_the_default_replica_identity`).
 const MAPPING: &str = r#"
+[sync]
+ledger = false
 [mapping]
 columns = ["user_id", "email", "name", "plan"]
 constants = { source = "postgres", tier = 2 }

@@ -411,7 +411,15 @@ impl Ctx<'_> {
                 format!("{kind}: {}", quoted_list(&ri))
             };
             let ids = self.identifier_columns();
-            if self.config.sync_mode == SyncMode::Mirror && self.projection.is_some() {
+            let ledger_key = table
+                .row_key_columns()
+                .filter(|_| self.config.ledger)
+                .map(|k| quoted_list(&k));
+            if let (SyncMode::Mirror, Some(key)) = (self.config.sync_mode, &ledger_key) {
+                self.report.pass(format!(
+                    "mirror mode names the user of a deleted row from the sent-state ledger by its key ({key}), so the replica identity of {qtable} ({described}) is enough"
+                ));
+            } else if self.config.sync_mode == SyncMode::Mirror && self.projection.is_some() {
                 let outside: Vec<&String> =
                     ids.iter().filter(|c| !ri.contains(&c.as_str())).collect();
                 if outside.is_empty() {
@@ -530,7 +538,15 @@ impl Ctx<'_> {
             return;
         }
         let ids = self.identifier_columns();
-        if self.config.sync_mode == SyncMode::Mirror && self.projection.is_some() {
+        if self.config.sync_mode == SyncMode::Mirror
+            && self.config.ledger
+            && let Some(key) = table.row_key_columns()
+        {
+            self.report.pass(format!(
+                "mirror mode names the user of a deleted row from the sent-state ledger by its key ({}), so the partitions' replica identities are enough",
+                quoted_list(&key)
+            ));
+        } else if self.config.sync_mode == SyncMode::Mirror && self.projection.is_some() {
             let lacking: Vec<&Partition> = leaves
                 .iter()
                 .filter(|p| ids.iter().any(|id| !p.identity_columns.contains(id)))
