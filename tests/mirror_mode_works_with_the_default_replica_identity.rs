@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::{
-    Fixture, assert_same_state, fold_events, read_light_events, sigkill, table_state,
-    users_fixture, wait_until,
+    Fixture, assert_same_state, fold_events, read_light_events, sigkill, table_state, users_fixture,
 };
 
 const TABLE: &str = "CREATE TABLE public.users (
@@ -38,7 +37,17 @@ async fn assert_destination_equals_table(fx: &Fixture) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_only_deletes_and_identifier_changes_rebuild_the_table_under_sigkill() {
-    let fx = users_fixture(TABLE, MIRROR, None).await;
+    rebuild_under_sigkill("").await;
+}
+
+/// The same in 1-second windows: coalesced, staged, killed inside windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_rebuild_the_table_under_sigkill_too() {
+    rebuild_under_sigkill("[schedule]\nfrequency = \"1s\"\n").await;
+}
+
+async fn rebuild_under_sigkill(schedule: &str) {
+    let fx = users_fixture(TABLE, &format!("{MIRROR}{schedule}"), None).await;
     let c = fx.db.connect().await;
     c.batch_execute(
         "INSERT INTO users (user_id, email, name, plan)
@@ -65,17 +74,23 @@ async fn key_only_deletes_and_identifier_changes_rebuild_the_table_under_sigkill
                     m3 = round % 3,
                 );
                 db.batch_execute(&sql).await.expect("writer");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(40)).await;
             }
         })
     };
     for _ in 0..3 {
         let mut child = fx.spawn_run();
         let before = fx.events().len();
-        wait_until(Duration::from_secs(30), "some streamed events", || async {
-            fx.events().len() > before
-        })
-        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        // Killed once it delivered something (or once the writer is done: nothing more comes).
+        while fx.events().len() <= before && !writer.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no streamed events within 30 s; run log:\n{}",
+                fx.run_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         sigkill(&child);
         let _ = child.wait();
     }

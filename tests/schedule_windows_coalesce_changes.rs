@@ -153,7 +153,10 @@ async fn a_manual_window_coalesces_rows_and_suppresses_no_ops() {
     let status: Value = serde_json::from_str(&out).expect("status JSON");
     assert_eq!(status["window"]["staged_rows"], 3, "{status:#}");
     assert_eq!(status["window"]["rows_read"], 13, "{status:#}");
-    assert!(status["window"]["closes_at"].is_null(), "manual: {status:#}");
+    assert!(
+        status["window"]["closes_at"].is_null(),
+        "manual: {status:#}"
+    );
     assert_eq!(status["ledger_rows"], 2, "{status:#}");
     // `slotstream sync` asks the running pipeline to deliver.
     let (code, out, err) = fx.slotstream("sync", &[]);
@@ -304,4 +307,46 @@ async fn sigkill_inside_a_window_delivers_its_changes_at_the_same_boundary() {
     assert_eq!(events.len(), 2, "{events:#?}");
     let u1 = events.iter().find(|e| e["userId"] == "u_1").expect("u_1");
     assert_eq!(u1["traits"]["plan"], "pro");
+}
+
+/// A window larger than its memory share is staged as it fills (never dropped, the session
+/// never waits for the boundary): 20,000 rows of 1 KiB with `memory_limit = "4MiB"` (the
+/// coalescer's cap is 3/16 of it, 768 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_larger_than_memory_is_staged_and_delivered_whole() {
+    let fx = users_fixture(
+        TABLE,
+        "[schedule]\nfrequency = \"manual\"\nmemory_limit = \"4MiB\"\n",
+        None,
+    )
+    .await;
+    let c = fx.db.connect().await;
+    let child = started(&fx, 0).await;
+    c.batch_execute(
+        "INSERT INTO users (user_id, name)
+         SELECT 'u_' || g, repeat('x', 1024) FROM generate_series(1, 20000) g",
+    )
+    .await
+    .unwrap();
+    let lsn = current_lsn(&fx).await;
+    wait_staged_past(&fx, lsn).await;
+    assert_eq!(staged_rows(&fx).await, 20000);
+    let (code, out, err) = fx.slotstream("sync", &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until(Duration::from_secs(60), "the window's sync run", || async {
+        !window_runs(&fx).await.is_empty()
+    })
+    .await;
+    stop(child);
+    let events = streamed(&fx);
+    assert_eq!(events.len(), 20000);
+    let mut users: Vec<&str> = events.iter().filter_map(|e| e["userId"].as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    assert_eq!(users.len(), 20000, "each row once");
+    let log = fx.run_log();
+    assert!(
+        !log.contains("pipeline failed"),
+        "the session never failed while the window filled:\n{log}"
+    );
 }
