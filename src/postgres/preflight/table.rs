@@ -443,7 +443,29 @@ impl Ctx<'_> {
                 ));
             }
         }
+        self.check_ledger();
         self.check_toast();
+    }
+
+    /// What the sent-state ledger does for this table, or what going without it costs.
+    fn check_ledger(&mut self) {
+        let Some(table) = &self.table else { return };
+        let qtable = self.qtable();
+        if !self.config.ledger {
+            self.report.warn(
+                "sync.ledger = false: every update is sent even when no trait changed, mirror-mode deletes need the identifier columns in the replica identity, `resync --changed-only` is unavailable and TRUNCATE only logs",
+                vec![Fix::Step(
+                    "set [sync] ledger = true (the default) to have them, at one row per table row in _rudderstack.cdc_ledger".into(),
+                )],
+            );
+        } else if table.row_key_columns().is_none() {
+            self.report.warn(
+                format!(
+                    "{qtable} has no primary key (nor replica identity index): its rows are neither coalesced in windows nor kept in the sent-state ledger, so updates that change nothing are sent and mirror-mode deletes need REPLICA IDENTITY FULL"
+                ),
+                vec![Fix::Step("give the table a primary key".into())],
+            );
+        }
     }
 
     /// Large values: an update that leaves a TOASTed value unchanged does not resend it unless
