@@ -220,12 +220,24 @@ impl Deliverer {
         let snapshot = rows
             .first()
             .is_some_and(|r| r.event.context.sources.op == Op::Snapshot);
+        let started = Instant::now();
         let (mut events, writes) = self.decide(rows, None).await?;
+        let decided = started.elapsed();
         sink.deliver(&mut events).await?;
+        tracing::debug!(
+            events = events.len(),
+            decide_ms = decided.as_millis() as u64,
+            deliver_ms = (started.elapsed() - decided).as_millis() as u64,
+            "batch delivered"
+        );
         self.stretch.events += events.len() as i64;
         if snapshot {
             // A full sync's entries are written as its rows are delivered: it is not
-            // checkpointed until done, and starts again if interrupted.
+            // checkpointed until done, and starts again if interrupted. They are newer than
+            // what the stream before it left waiting for the checkpoint.
+            for (key, _) in &writes {
+                self.pending.remove(key);
+            }
             ledger_store::write_ledger(&self.control, &self.pipeline, self.generation, &writes)
                 .await?;
         } else {
