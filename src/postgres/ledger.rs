@@ -32,6 +32,18 @@ fn hash_from(v: Option<Vec<u8>>) -> Option<[u8; 32]> {
     v.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
 }
 
+/// A ledger row read as `row_key, user_id, anonymous_id, traits_hash`.
+fn entry_of(r: &tokio_postgres::Row) -> (String, Sent) {
+    (
+        r.get(0),
+        Sent {
+            user_id: r.get(1),
+            anonymous_id: r.get(2),
+            hash: hash_from(r.get(3)),
+        },
+    )
+}
+
 /// The entries of `keys` (those the ledger holds).
 pub async fn lookup(
     client: &impl GenericClient,
@@ -49,19 +61,7 @@ pub async fn lookup(
         )
         .await
         .map_err(|e| PgError::query("reading the sent-state ledger", e))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.get(0),
-                Sent {
-                    user_id: r.get(1),
-                    anonymous_id: r.get(2),
-                    hash: hash_from(r.get(3)),
-                },
-            )
-        })
-        .collect())
+    Ok(rows.iter().map(entry_of).collect())
 }
 
 /// Writes entries (`Some`) and removes keys (`None`); each key at most once.
@@ -132,19 +132,7 @@ pub async fn ledger_page(
         )
         .await
         .map_err(|e| PgError::query("reading the sent-state ledger", e))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.get(0),
-                Sent {
-                    user_id: r.get(1),
-                    anonymous_id: r.get(2),
-                    hash: hash_from(r.get(3)),
-                },
-            )
-        })
-        .collect())
+    Ok(rows.iter().map(entry_of).collect())
 }
 
 /// Removes the entries a full sync of `generation` did not see (rows gone from the table).
