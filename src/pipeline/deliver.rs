@@ -85,6 +85,10 @@ pub(super) struct Deliverer {
     pub(super) deliver_window_at_end: bool,
     /// Rows per page when a window or the ledger is delivered (`max_batch_events`).
     pub(super) page_size: usize,
+    /// Writes a full sync's ledger entries alongside its delivery.
+    pub(super) filler: Option<super::window::LedgerFiller>,
+    /// The pipeline's config (for the filler's connection).
+    pub(super) config: Arc<Config>,
 }
 
 impl Deliverer {
@@ -195,6 +199,9 @@ impl Deliverer {
             }
             Item::SnapshotDone { lsn, rows } => {
                 self.flush(sink).await?;
+                if let Some(filler) = self.filler.take() {
+                    filler.finish().await?;
+                }
                 self.settle_ledger_after_full_sync(sink).await?;
                 self.stretch.kind = "snapshot";
                 self.stretch.from = lsn;
@@ -238,8 +245,16 @@ impl Deliverer {
             for (key, _) in &writes {
                 self.pending.remove(key);
             }
-            ledger_store::write_ledger(&self.control, &self.pipeline, self.generation, &writes)
-                .await?;
+            if !writes.is_empty() {
+                if self.filler.is_none() {
+                    self.filler = Some(
+                        super::window::LedgerFiller::start(&self.config, self.generation).await?,
+                    );
+                }
+                if let Some(filler) = self.filler.as_mut() {
+                    filler.write(writes).await?;
+                }
+            }
         } else {
             self.pending.extend(writes);
         }

@@ -604,6 +604,7 @@ async fn run_session(
     let deliverer_factory = EventFactory::new(&config.name, &src.schema, &src.table);
     let qualified_table = quote_qualified(&src.schema, &src.table);
     let page_size = config.schedule.max_batch_events;
+    let deliverer_config = Arc::new(config.clone());
     let start_lsn = checkpoint.lsn;
     let deliverer_verifier = verifier.clone();
     let deliverer_budget = budget.clone();
@@ -631,6 +632,8 @@ async fn run_session(
             window,
             deliver_window_at_end: once,
             page_size,
+            filler: None,
+            config: deliverer_config,
         };
         d.run(&mut **sink, rx).await
     });

@@ -341,3 +341,61 @@ impl Deliverer {
         Ok(())
     }
 }
+
+/// Writes a full sync's ledger entries on a connection of its own, while the next batches are
+/// read and delivered: filling the ledger (one row per table row) then overlaps the full sync
+/// instead of adding to it. At most [`FILLER_QUEUE`] batches wait; the full sync is done only
+/// once every write has landed ([`LedgerFiller::finish`]).
+pub(super) struct LedgerFiller {
+    tx: mpsc::Sender<Vec<(String, Option<Sent>)>>,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+/// Batches of ledger writes that may wait for the filler.
+const FILLER_QUEUE: usize = 2;
+
+impl LedgerFiller {
+    /// Connects and starts writing for `pipeline` at `generation`.
+    pub(super) async fn start(config: &Config, generation: i64) -> Result<Self, Error> {
+        let client = connect_control(config).await?;
+        let pipeline = config.name.clone();
+        let (tx, mut rx) = mpsc::channel::<Vec<(String, Option<Sent>)>>(FILLER_QUEUE);
+        let task = tokio::spawn(async move {
+            while let Some(writes) = rx.recv().await {
+                ledger_store::write_ledger(&client, &pipeline, generation, &writes).await?;
+            }
+            Ok(())
+        });
+        Ok(LedgerFiller { tx, task })
+    }
+
+    /// Queues one delivered batch's writes (waits while the queue is full).
+    pub(super) async fn write(&mut self, writes: Vec<(String, Option<Sent>)>) -> Result<(), Error> {
+        if self.tx.send(writes).await.is_err() {
+            // The writer ended: its error says why.
+            let (tx, _) = mpsc::channel(1);
+            let ended = std::mem::replace(&mut self.tx, tx);
+            drop(ended);
+            return Err(self.join().await.err().unwrap_or_else(|| {
+                Error::Internal("the ledger writer of the full sync ended early".into())
+            }));
+        }
+        Ok(())
+    }
+
+    async fn join(&mut self) -> Result<(), Error> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Internal(format!(
+                "the ledger writer of the full sync failed: {e}"
+            ))),
+        }
+    }
+
+    /// Waits until every queued write landed.
+    pub(super) async fn finish(mut self) -> Result<(), Error> {
+        let (tx, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, tx));
+        self.join().await
+    }
+}
