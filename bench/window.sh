@@ -25,35 +25,13 @@
 # `\copy (SELECT …) TO /dev/null` (the read alone, before any delivery). Nothing is asserted:
 # the figures are for a human to read.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-source scripts/pg-throwaway.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ROWS="${ROWS:-1000000}"
 CHANGED_PCT="${CHANGED_PCT:-1}"
 TIMES="${TIMES:-5}"
 
-say() { printf '== %s\n' "$*" >&2; }
-now() { date +%s.%N; }
-
-if [[ -n "${SLOTSTREAM_BIN:-}" ]]; then
-    bin="$SLOTSTREAM_BIN"
-else
-    say "cargo build --release"
-    cargo build --release --quiet
-    bin="$root/target/release/slotstream"
-fi
-
-work="$(mktemp -d /tmp/slotstream-bench-window.XXXXXX)"
-chmod 755 "$work"
-cleanup() {
-    pgt_stop
-    if [[ -n "${KEEP:-}" ]]; then echo "work directory kept: $work" >&2; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-
-say "throwaway PostgreSQL (wal_level=logical)"
-pg_throwaway_start "$work/pg"
+bench_start window
 pgt_psql -d postgres -c "CREATE DATABASE app"
 pgt_psql -d app <<'SQL'
 CREATE TABLE public.users (
