@@ -160,7 +160,10 @@ impl Deliverer {
         if self.batch.is_empty() {
             return Ok(());
         }
-        sink.deliver(self.batch.events_mut()).await?;
+        // Retried for the batch inside the sink's retry policy; what the destination refused
+        // for good comes back as dead letters, stored with the next checkpoint.
+        let refused = sink::retry::deliver(sink, self.batch.events_mut()).await?;
+        self.stretch.dead_letters.extend(refused);
         let bytes = self.batch.bytes();
         if let Some(lsn) = self.batch.delivered() {
             self.durable = self.durable.max(lsn);

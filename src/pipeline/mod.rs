@@ -206,6 +206,24 @@ pub async fn run_with_shutdown(
 ) -> Result<(), Error> {
     let sink = sink::build(&config.destination)?;
     let sink = Arc::new(tokio::sync::Mutex::new(sink));
+    let result = run_sessions(config, once, shutdown, sink.clone()).await;
+    // Whatever ended the run, the sink flushes what it holds (records in flight).
+    let flushed = sink.lock().await.shutdown().await;
+    match (result, flushed) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(e.into()),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+/// The sessions of a run, one after another: a failure the policy says to reconnect on
+/// ([`Error::is_retryable`]) starts another session from the checkpoint after a pause.
+async fn run_sessions(
+    config: &Config,
+    once: bool,
+    shutdown: watch::Receiver<bool>,
+    sink: Arc<tokio::sync::Mutex<Box<dyn Sink>>>,
+) -> Result<(), Error> {
     let mut backoff = Duration::from_millis(500);
     let mut once_target: Option<Lsn> = None;
     let mut retries: u32 = 0;
@@ -457,6 +475,10 @@ async fn run_session(
     sink: Arc<tokio::sync::Mutex<Box<dyn Sink>>>,
 ) -> Result<(), Error> {
     let src = &config.source;
+    // The destination first: a broker that cannot take events, or a topic that does not exist,
+    // is reported before anything is read.
+    let checked = sink.lock().await.healthcheck().await?;
+    tracing::debug!("{checked}");
     let mut control = connect_control(config).await?;
     // Refuse an unsupported server before touching anything.
     let version = postgres::version::server_version(&control).await?;
@@ -581,8 +603,14 @@ async fn run_session(
     let start_lsn = checkpoint.lsn;
     let deliverer_verifier = verifier.clone();
     let deliverer_budget = budget.clone();
+    let retry = match once {
+        true => config.destination.retry().clone().for_once(),
+        false => config.destination.retry().clone(),
+    };
+    let retry_stop = shutdown.clone();
     let deliverer = tokio::spawn(async move {
         let mut sink = sink.lock().await;
+        let mut sink = sink::retry::Retrying::new(&mut **sink, retry, retry_stop);
         let mut d = Deliverer {
             pipeline: pipeline_name,
             control: deliverer_control,
@@ -598,7 +626,7 @@ async fn run_session(
             last_prune: None,
             budget: deliverer_budget,
         };
-        d.run(&mut **sink, rx).await
+        d.run(&mut sink, rx).await
     });
 
     let ctx = TableContext {
