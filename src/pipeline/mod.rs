@@ -54,7 +54,7 @@ use crate::batch::{self, BatchLimits, MicroBatch};
 use crate::config::{Config, SyncHistory};
 use crate::decode::pgoutput::PgoutputDecoder;
 use crate::decode::value::TypeCatalog;
-use crate::error::Error;
+use crate::error::{Error, Recovery};
 use crate::postgres::lock::{LockWatch, PipelineLock};
 use crate::postgres::preflight::Verifier;
 use crate::postgres::state::{self, CheckpointCommit, DeadLetter, FullSyncState};
@@ -216,8 +216,8 @@ pub async fn run_with_shutdown(
     }
 }
 
-/// The sessions of a run, one after another: a failure the policy says to reconnect on
-/// ([`Error::is_retryable`]) starts another session from the checkpoint after a pause.
+/// The sessions of a run, one after another: a failure the policy does not stop on
+/// ([`Error::recovery`]) starts another session from the checkpoint after a pause.
 async fn run_sessions(
     config: &Config,
     once: bool,
@@ -250,7 +250,7 @@ async fn run_sessions(
         match result {
             Ok(()) => return Ok(()),
             Err(e)
-                if e.is_retryable()
+                if e.recovery() != Recovery::Stop
                     && !*shutdown.borrow()
                     && !(once && retries >= ONCE_MAX_RETRIES) =>
             {

@@ -2,18 +2,7 @@
 
 use std::time::Duration;
 
-/// What the pipeline does about a failure: the one policy every error goes through
-/// (docs/architecture.md §13).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recovery {
-    /// Deliver the same batch again after a pause, inside the deliverer: the replication
-    /// session stays up and nothing is read again.
-    RetryBatch,
-    /// End the session and start another from the checkpoint (a new replication connection).
-    Reconnect,
-    /// Stop the pipeline: nothing will change until an operator acts.
-    Stop,
-}
+pub use crate::error::Recovery;
 
 /// A delivery failure.
 #[derive(Debug, thiserror::Error)]
