@@ -144,12 +144,18 @@ async fn a_30s_broker_outage_is_ridden_out_on_one_replication_connection() {
     // The broker is back (empty: its storage was in memory); slotstream recovers by itself.
     broker.resume();
     create_topic(&broker.address()).await;
-    support::wait_until(
-        Duration::from_secs(60),
-        "the checkpoint covers the outage's changes",
-        || async { fx.positions().await.0.is_some_and(|p| p >= during) },
-    )
+    let recovered = tokio::time::timeout(Duration::from_secs(60), async {
+        while !fx.positions().await.0.is_some_and(|p| p >= during) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
     .await;
+    assert!(
+        recovered.is_ok(),
+        "the checkpoint never covered the outage's changes\n{}\n--- broker\n{}",
+        fx.run_log(),
+        broker.log()
+    );
     let mut reader = TopicReader::new(&broker.address(), TOPIC, 1);
     let want: BTreeSet<String> = (0..5)
         .flat_map(|t| (1..=10).map(move |g| format!("c{t}_{g}")))

@@ -12,8 +12,9 @@
 //! - for good (too large, not authorised for the topic, an invalid topic or record): the event
 //!   becomes a dead letter with the broker's reason, and the pipeline goes on;
 //! - retriable (a broker down, a leader change, a timeout): the batch fails and is retried
-//!   (`sink::retry`); what the retry sends again is every record not acknowledged, and every
-//!   later record of the same key, so a key's records never overtake each other;
+//!   (`sink::retry`) with a new producer; what the retry sends again is every record not
+//!   acknowledged, and every later record of the same key, so a key's records never overtake
+//!   each other;
 //! - a fatal error of the producer (fenced, out of sequence): the producer is built again and
 //!   the batch retried; a cluster authorisation failure stops the pipeline.
 

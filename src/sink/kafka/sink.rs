@@ -260,6 +260,10 @@ impl KafkaSink {
             });
         }
         if let Some(error) = outcome.first_error {
+            // The retry gets a new producer: after a broker lost its state (a restart of a broker
+            // without durable storage, an expired producer id) the old one's id is refused with
+            // UNKNOWN_PRODUCER_ID until every record times out, again and again.
+            self.producer = None;
             return Err(self.error(
                 &format!("delivering to topic {:?}", self.config.topic),
                 format!(
