@@ -184,8 +184,13 @@ until [[ "$(pgt_psql -d app -At -c "SELECT pg_current_wal_flush_lsn() >= '$end_l
 done
 changes=$((ROWS + UPDATE_ROWS))
 
+# CPU seconds the broker used so far (it shares this machine's CPUs with the server and slotstream).
+tansu_cpu() {
+    echo "$(awk '{print $14 + $15}' "/proc/$tansu_pid/stat") / $(getconf CLK_TCK)" | bc -l
+}
 recv_times=()
 slot_times=()
+broker_cpu=()
 cpu_times=()
 rss_max=0
 for round in $(seq 1 "$ROUNDS"); do
@@ -197,12 +202,14 @@ for round in $(seq 1 "$ROUNDS"); do
     recv_times+=("$(echo "$t1 - $t0" | bc -l)")
 
     say "round $round: slotstream run --once into Kafka"
+    k0=$(tansu_cpu)
     t0=$(now)
     /usr/bin/time -f '%M %U %S' -o "$work/rss-$round" "$bin" run --once \
         --config "$work/bench-$round.toml" 2> "$work/run-$round.log" \
         || { cat "$work/run-$round.log" >&2; exit 1; }
     t1=$(now)
     slot_times+=("$(echo "$t1 - $t0" | bc -l)")
+    broker_cpu+=("$(printf '%.2f' "$(echo "$(tansu_cpu) - $k0" | bc -l)")")
     read -r rss_kib user_secs sys_secs < <(tail -n 1 "$work/rss-$round")
     ((rss_kib > rss_max)) && rss_max=$rss_kib
     cpu_times+=("$user_secs+$sys_secs")
@@ -260,7 +267,7 @@ printf 'load average: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf 'throughput: %d changes (%d-row transactions), max_batch_events=%s, compression=%s, idempotent producer, acks=all\n' \
     "$changes" "$TXN_ROWS" "$BATCH_EVENTS" "$COMPRESSION"
 printf 'rounds (s): pg_recvlogical %s | slotstream %s\n' "${recv_times[*]}" "${slot_times[*]}"
-printf 'slotstream CPU (s) per round, user+sys: %s\n' "${cpu_times[*]}"
+printf 'CPU (s) per round: slotstream user+sys %s | the broker (tansu) meanwhile %s\n' "${cpu_times[*]}" "${broker_cpu[*]}"
 printf '%-16s %8.2f s  %10.0f rows/s  (best of %d)\n' "pg_recvlogical" "$recv_secs" "$recv_rate" "$ROUNDS"
 printf '%-16s %8.2f s  %10.0f rows/s  (best of %d, commit -> broker ack)\n' "slotstream" "$slot_secs" "$slot_rate" "$ROUNDS"
 printf 'ratio slotstream/pg_recvlogical: %.3f  (goal >= 0.8)\n' "$(echo "$slot_rate / $recv_rate" | bc -l)"

@@ -205,32 +205,29 @@ impl TopicReader {
     pub fn read_until(&mut self, want: usize, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
         while self.records.len() < want && Instant::now() < deadline {
-            match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    let headers = m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_owned(),
-                                        String::from_utf8_lossy(h.value.unwrap_or_default())
-                                            .into_owned(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    self.records.push(Record {
-                        partition: m.partition(),
-                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                        value: m
-                            .payload()
-                            .map(|p| serde_json::from_slice(p).expect("record value is JSON")),
-                        headers,
-                    });
-                }
-                Some(Err(_)) | None => {}
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.records.push(Record {
+                    partition: m.partition(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    value: m
+                        .payload()
+                        .map(|p| serde_json::from_slice(p).expect("record value is JSON")),
+                    headers,
+                });
             }
         }
         self.records.len()
