@@ -30,6 +30,8 @@
 #   KEEP=1              keep the work directory (logs) and print its path
 #   SLOTSTREAM_BIN=…    a prebuilt binary instead of `cargo build --release`
 #   TANSU_BIN=…         the broker (default: tansu on PATH, else ~/.cargo/bin/tansu)
+#   WRAP="perf record -g -o /tmp/kafka.perf"
+#                       a profiler to run the timed `slotstream run --once` under
 #
 # Nothing is asserted (a benchmark is not a timed test): the figures are for a human to read.
 set -euo pipefail
@@ -204,7 +206,7 @@ for round in $(seq 1 "$ROUNDS"); do
     say "round $round: slotstream run --once into Kafka"
     k0=$(tansu_cpu)
     t0=$(now)
-    /usr/bin/time -f '%M %U %S' -o "$work/rss-$round" "$bin" run --once \
+    /usr/bin/time -f '%M %U %S' -o "$work/rss-$round" ${WRAP:-} "$bin" run --once \
         --config "$work/bench-$round.toml" 2> "$work/run-$round.log" \
         || { cat "$work/run-$round.log" >&2; exit 1; }
     t1=$(now)

@@ -58,10 +58,11 @@ struct InFlight {
 }
 
 /// What became of the records of one attempt.
-#[derive(Default)]
 struct Outcome {
-    /// Events with a record that failed for a retriable reason.
-    failed: HashSet<usize>,
+    /// Per event of the batch: a record of it failed for a retriable (or worse) reason.
+    failed: Vec<bool>,
+    /// How many events failed so.
+    failed_count: usize,
     /// Events refused for good, with the reason.
     rejected: Vec<Rejected>,
     /// The first retriable failure, for the error.
@@ -71,6 +72,22 @@ struct Outcome {
 }
 
 impl Outcome {
+    fn new(events: usize) -> Self {
+        Outcome {
+            failed: vec![false; events],
+            failed_count: 0,
+            rejected: Vec::new(),
+            first_error: None,
+            worst: None,
+        }
+    }
+
+    fn fail(&mut self, index: usize) {
+        if !std::mem::replace(&mut self.failed[index], true) {
+            self.failed_count += 1;
+        }
+    }
+
     fn record(&mut self, index: usize, error: KafkaError) {
         match classify(&error) {
             Failure::Permanent => {
@@ -82,11 +99,11 @@ impl Outcome {
                 }
             }
             Failure::Retriable => {
-                self.failed.insert(index);
+                self.fail(index);
                 self.first_error.get_or_insert(error);
             }
             f @ (Failure::ProducerFatal | Failure::Stop) => {
-                self.failed.insert(index);
+                self.fail(index);
                 if self.worst.as_ref().is_none_or(|(w, _)| *w != Failure::Stop) {
                     self.worst = Some((f, error));
                 }
@@ -151,6 +168,10 @@ impl KafkaSink {
     /// Which events this attempt sends: those not delivered, and every later one of a key
     /// that has one not delivered (so a key's records keep their order).
     fn to_send(batch: &Batch<'_>) -> Vec<usize> {
+        if batch.rejected.is_empty() && batch.delivered.iter().all(|d| !d) {
+            // A first attempt: everything, without hashing a key per record.
+            return (0..batch.events.len()).collect();
+        }
         let mut behind: HashSet<Option<&str>> = HashSet::new();
         let rejected: HashSet<usize> = batch.rejected.iter().map(|r| r.index).collect();
         let mut send = Vec::new();
@@ -179,7 +200,7 @@ impl KafkaSink {
         let tombstones = self.config.tombstones;
         let buf = std::mem::take(&mut self.buf);
         let producer = self.producer()?.clone();
-        let mut outcome = Outcome::default();
+        let mut outcome = Outcome::new(batch.events.len());
         let mut in_flight: std::collections::VecDeque<InFlight> =
             std::collections::VecDeque::with_capacity(send.len());
         for &i in &send {
@@ -224,8 +245,10 @@ impl KafkaSink {
         self.buf = buf;
 
         for &i in &send {
-            let rejected = outcome.rejected.iter().any(|r| r.index == i);
-            batch.delivered[i] = !rejected && !outcome.failed.contains(&i);
+            batch.delivered[i] = !outcome.failed[i];
+        }
+        for r in &outcome.rejected {
+            batch.delivered[r.index] = false;
         }
         for r in outcome.rejected {
             if !batch.rejected.iter().any(|b| b.index == r.index) {
@@ -268,7 +291,7 @@ impl KafkaSink {
                 &format!("delivering to topic {:?}", self.config.topic),
                 format!(
                     "{} of {} records not acknowledged: {error}",
-                    outcome.failed.len(),
+                    outcome.failed_count,
                     send.len()
                 ),
                 true,
@@ -438,6 +461,7 @@ mod tests {
     fn a_retry_resends_the_failed_records_and_what_follows_them_per_key() {
         let mut events = crate::sink::test_events(&["a", "b", "a", "c", "b"]);
         let mut batch = Batch::new(&mut events);
+        assert_eq!(KafkaSink::to_send(&batch), [0, 1, 2, 3, 4]);
         batch.delivered = vec![false, true, true, true, true];
         assert_eq!(KafkaSink::to_send(&batch), [0, 2]);
         batch.delivered = vec![true, false, true, true, true];
