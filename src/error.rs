@@ -25,6 +25,19 @@ pub mod exit {
     pub const PREFLIGHT: i32 = 3;
 }
 
+/// What the pipeline does about a failure: the one policy every error goes through
+/// (docs/architecture.md §13): [`Error::recovery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Deliver the same batch again after a pause, inside the deliverer: the replication
+    /// session stays up and nothing is read again.
+    RetryBatch,
+    /// End the session and start another from the checkpoint (a new replication connection).
+    Reconnect,
+    /// Stop the pipeline: nothing will change until an operator acts.
+    Stop,
+}
+
 /// Any error slotstream reports.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -97,6 +110,18 @@ impl Error {
         }
     }
 
+    /// What the pipeline does about it. A destination failure decides for itself (most are
+    /// retried for the batch inside the deliverer, see `sink::retry`); any other failure that
+    /// may pass by itself ends the session and a new one resumes from the checkpoint; the rest
+    /// stop the pipeline for the operator.
+    pub fn recovery(&self) -> Recovery {
+        match self {
+            Error::Sink(e) => e.recovery(),
+            e if e.is_retryable() => Recovery::Reconnect,
+            _ => Recovery::Stop,
+        }
+    }
+
     /// What the operator should do about it.
     pub fn hint(&self) -> String {
         match self {
@@ -142,6 +167,48 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_policy_decides_per_error() {
+        let io = |kind| {
+            Error::from(SinkError::Io {
+                target: "f".into(),
+                source: std::io::Error::from(kind),
+            })
+        };
+        assert_eq!(
+            io(std::io::ErrorKind::StorageFull).recovery(),
+            Recovery::RetryBatch
+        );
+        assert_eq!(
+            io(std::io::ErrorKind::BrokenPipe).recovery(),
+            Recovery::Stop
+        );
+        let gave_up = Error::from(SinkError::GaveUp {
+            attempts: 4,
+            elapsed: std::time::Duration::from_secs(3),
+            last: Box::new(SinkError::Io {
+                target: "f".into(),
+                source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+            }),
+        });
+        assert_eq!(gave_up.recovery(), Recovery::Stop);
+        assert!(
+            gave_up.hint().contains("give_up_after"),
+            "{}",
+            gave_up.hint()
+        );
+        let dropped = Error::from(PgError::Query {
+            what: "x".into(),
+            detail: "connection closed".into(),
+            code: None,
+        });
+        assert_eq!(
+            dropped.is_retryable(),
+            dropped.recovery() == Recovery::Reconnect
+        );
+        assert_eq!(Error::Internal("bug".into()).recovery(), Recovery::Stop);
+    }
 
     #[test]
     fn an_unsupported_server_is_fatal_with_a_hint_and_exits_3() {

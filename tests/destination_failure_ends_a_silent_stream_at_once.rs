@@ -1,9 +1,10 @@
-//! When the delivering half fails (here the destination: `/dev/full`), the session ends at
-//! once — the reader does not wait for its next message from the server to notice. The server
-//! is made silent for the test: its walsender is stopped (SIGSTOP) after it sent the change, so
-//! no keepalive or row ever reaches the reader again. The run must still report the failure
-//! (and retry from the checkpoint); a reader that only notices a dead deliverer when it next
-//! hands it something waits for the server forever.
+//! When the delivering half fails for good (here the destination, `/dev/full`, until the retry
+//! budget `[destination.retry] give_up_after` is spent), the session ends at once — the reader
+//! does not wait for its next message from the server to notice. The server is made silent for
+//! the test: its walsender is stopped (SIGSTOP) after it sent the change, so no keepalive or
+//! row ever reaches the reader again. The run must still report the failure and stop; a reader
+//! that only notices a dead deliverer when it next hands it something waits for the server
+//! forever.
 
 use crate::support;
 use crate::support::faults::{self, Running};
@@ -42,13 +43,13 @@ async fn a_failed_delivery_ends_the_session_while_the_server_is_silent() {
     // the change arriving and its delivery failing.
     let fx = support::users_fixture(
         support::USERS_TABLE,
-        "[schedule]\nmax_batch_delay = \"3s\"\n",
+        "[schedule]\nmax_batch_delay = \"3s\"\n[destination.retry]\ninitial_backoff = \"100ms\"\ngive_up_after = \"1s\"\n",
         None,
     )
     .await;
     fx.run_once();
     fx.set_destination_path(Path::new("/dev/full"));
-    let _run = Running(fx.spawn_run());
+    let mut run = Running(fx.spawn_run());
     support::wait_until(Duration::from_secs(30), "the run is streaming", || async {
         fx.run_log().contains("streaming")
     })
@@ -88,13 +89,17 @@ async fn a_failed_delivery_ends_the_session_while_the_server_is_silent() {
     .await;
     let _silent = Stopped::new(walsender);
 
-    support::wait_until(
-        REPORTED_WITHIN,
-        "the destination failure ends the session (the run logs it and retries)",
-        || async {
-            let log = fx.run_log();
-            log.contains("pipeline failed") && log.contains("/dev/full")
-        },
-    )
-    .await;
+    let status = faults::wait_exit(&mut run, REPORTED_WITHIN)
+        .await
+        .expect("the destination failure ends the run while the server is silent");
+    let log = fx.run_log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("error: delivery failed: gave up after") && log.contains("/dev/full"),
+        "{log}"
+    );
+    assert!(
+        log.contains("retrying the batch"),
+        "the batch was retried first\n{log}"
+    );
 }

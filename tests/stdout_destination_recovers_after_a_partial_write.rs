@@ -15,6 +15,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Retries of the failed batch at least once a second, so the recovery is seen quickly.
+const RETRY_FAST: &str = "[destination.retry]\nmax_backoff = \"1s\"\n";
+
 const ROWS: usize = 20;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -30,7 +33,7 @@ async fn a_half_written_line_is_completed_before_the_retry() {
     std::fs::create_dir(&dir).expect("dir");
     let config = fx
         .db
-        .write_config(&dir, &fx.name, &fx.role, "pw", "users", "");
+        .write_config(&dir, &fx.name, &fx.role, "pw", "users", RETRY_FAST);
     let out_path = dir.join("out.jsonl");
     let out = std::fs::File::create(&out_path).expect("out file");
 
@@ -75,7 +78,7 @@ async fn a_half_written_line_is_completed_before_the_retry() {
     };
     let run_log = || log.lock().expect("log").clone();
     let failed = tokio::time::timeout(Duration::from_secs(30), async {
-        while !run_log().contains("resuming from the checkpoint") {
+        while !run_log().contains("retrying the batch") {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })

@@ -7,6 +7,13 @@ use super::*;
 use crate::batch::ledger::{self, Outcome, Rules, Sent};
 use crate::postgres::ledger as ledger_store;
 
+/// Decided events, the row key each came from, and the ledger writes once they are delivered.
+pub(super) struct Decided {
+    pub(super) events: Vec<Event>,
+    pub(super) keys: Vec<Option<String>>,
+    pub(super) writes: HashMap<String, Option<Sent>>,
+}
+
 /// Ledger writes held for the next checkpoint; past this many keys a checkpoint is taken at
 /// once (they are small, but bounded all the same).
 const PENDING_LEDGER_MAX: usize = 100_000;
@@ -228,16 +235,14 @@ impl Deliverer {
             .first()
             .is_some_and(|r| r.event.context.sources.op == Op::Snapshot);
         let started = Instant::now();
-        let (mut events, writes) = self.decide(rows, None).await?;
-        let decided = started.elapsed();
-        sink.deliver(&mut events).await?;
+        let decided = self.decide(rows, None).await?;
+        let decide_time = started.elapsed();
+        let writes = self.send(sink, decided).await?;
         tracing::debug!(
-            events = events.len(),
-            decide_ms = decided.as_millis() as u64,
-            deliver_ms = (started.elapsed() - decided).as_millis() as u64,
+            decide_ms = decide_time.as_millis() as u64,
+            deliver_ms = (started.elapsed() - decide_time).as_millis() as u64,
             "batch delivered"
         );
-        self.stretch.events += events.len() as i64;
         if snapshot {
             // A full sync's entries are written as its rows are delivered: it is not
             // checkpointed until done, and starts again if interrupted. They are newer than
@@ -277,7 +282,7 @@ impl Deliverer {
         &mut self,
         rows: Vec<Row>,
         moved: Option<Vec<Option<Sent>>>,
-    ) -> Result<(Vec<Event>, Vec<(String, Option<Sent>)>), Error> {
+    ) -> Result<Decided, Error> {
         let mut found = HashMap::new();
         if self.rules.ledger {
             let mut need: Vec<String> = Vec::new();
@@ -304,6 +309,7 @@ impl Deliverer {
         };
         let mut moved = moved.map(Vec::into_iter);
         let mut events = Vec::with_capacity(rows.len());
+        let mut keys = Vec::with_capacity(rows.len());
         for row in rows {
             let moved_from = match moved.as_mut() {
                 Some(m) => m.next().flatten(),
@@ -339,12 +345,44 @@ impl Deliverer {
                 }
                 Outcome::Sent | Outcome::Skipped => {}
             }
-            events.extend(d.events);
+            for e in d.events {
+                keys.push(d.writes.first().map(|(k, _)| k.clone()));
+                events.push(e);
+            }
             if self.rules.ledger {
                 overlay.extend(d.writes);
             }
         }
-        Ok((events, overlay.into_iter().collect()))
+        Ok(Decided {
+            events,
+            keys,
+            writes: overlay,
+        })
+    }
+
+    /// Delivers decided events (retried for the batch by the sink's policy) and returns the
+    /// ledger writes of what the destination took: an event it refused for good is a dead
+    /// letter (stored with the next checkpoint), and its row's ledger entry stays as it was.
+    pub(super) async fn send(
+        &mut self,
+        sink: &mut dyn Sink,
+        mut decided: Decided,
+    ) -> Result<Vec<(String, Option<Sent>)>, Error> {
+        let refused = sink::retry::deliver(sink, &mut decided.events).await?;
+        self.stretch.events += (decided.events.len() - refused.len()) as i64;
+        if !refused.is_empty() {
+            let ids: std::collections::HashSet<uuid::Uuid> =
+                refused.iter().map(|d| d.message_id).collect();
+            for (e, key) in decided.events.iter().zip(&decided.keys) {
+                if ids.contains(&e.message_id)
+                    && let Some(k) = key
+                {
+                    decided.writes.remove(k);
+                }
+            }
+            self.stretch.dead_letters.extend(refused);
+        }
+        Ok(decided.writes.into_iter().collect())
     }
 
     /// Commits a checkpoint when one is due: every [`CHECKPOINT_INTERVAL`] while rows of the

@@ -54,7 +54,7 @@ use crate::batch::{self, BatchLimits, MicroBatch, Row};
 use crate::config::{Config, SyncHistory};
 use crate::decode::pgoutput::PgoutputDecoder;
 use crate::decode::value::TypeCatalog;
-use crate::error::Error;
+use crate::error::{Error, Recovery};
 use crate::postgres::lock::{LockWatch, PipelineLock};
 use crate::postgres::preflight::Verifier;
 use crate::postgres::state::{self, CheckpointCommit, DeadLetter, FullSyncState};
@@ -214,6 +214,24 @@ pub async fn run_with_shutdown(
 ) -> Result<(), Error> {
     let sink = sink::build(&config.destination)?;
     let sink = Arc::new(tokio::sync::Mutex::new(sink));
+    let result = run_sessions(config, once, shutdown, sink.clone()).await;
+    // Whatever ended the run, the sink flushes what it holds (records in flight).
+    let flushed = sink.lock().await.shutdown().await;
+    match (result, flushed) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(e.into()),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+/// The sessions of a run, one after another: a failure the policy does not stop on
+/// ([`Error::recovery`]) starts another session from the checkpoint after a pause.
+async fn run_sessions(
+    config: &Config,
+    once: bool,
+    shutdown: watch::Receiver<bool>,
+    sink: Arc<tokio::sync::Mutex<Box<dyn Sink>>>,
+) -> Result<(), Error> {
     let mut backoff = Duration::from_millis(500);
     let mut once_target: Option<Lsn> = None;
     let mut retries: u32 = 0;
@@ -240,7 +258,7 @@ pub async fn run_with_shutdown(
         match result {
             Ok(()) => return Ok(()),
             Err(e)
-                if e.is_retryable()
+                if e.recovery() != Recovery::Stop
                     && !*shutdown.borrow()
                     && !(once && retries >= ONCE_MAX_RETRIES) =>
             {
@@ -465,6 +483,10 @@ async fn run_session(
     sink: Arc<tokio::sync::Mutex<Box<dyn Sink>>>,
 ) -> Result<(), Error> {
     let src = &config.source;
+    // The destination first: a broker that cannot take events, or a topic that does not exist,
+    // is reported before anything is read.
+    let checked = sink.lock().await.healthcheck().await?;
+    tracing::debug!("{checked}");
     let mut control = connect_control(config).await?;
     // Refuse an unsupported server before touching anything.
     let version = postgres::version::server_version(&control).await?;
@@ -608,8 +630,14 @@ async fn run_session(
     let start_lsn = checkpoint.lsn;
     let deliverer_verifier = verifier.clone();
     let deliverer_budget = budget.clone();
+    let retry = match once {
+        true => config.destination.retry().clone().for_once(),
+        false => config.destination.retry().clone(),
+    };
+    let retry_stop = shutdown.clone();
     let deliverer = tokio::spawn(async move {
         let mut sink = sink.lock().await;
+        let mut sink = sink::retry::Retrying::new(&mut **sink, retry, retry_stop);
         let mut d = Deliverer {
             pipeline: pipeline_name,
             control: deliverer_control,
@@ -635,7 +663,7 @@ async fn run_session(
             filler: None,
             config: deliverer_config,
         };
-        d.run(&mut **sink, rx).await
+        d.run(&mut sink, rx).await
     });
 
     let ctx = TableContext {

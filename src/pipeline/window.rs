@@ -169,12 +169,17 @@ impl Deliverer {
                 rows.push(s.row);
                 moved.push(s.moved_from);
             }
-            let before = (self.stretch.unchanged, self.stretch.dead_letters.len());
-            let (mut events, writes) = self.decide(rows, Some(moved)).await?;
+            let before = (
+                self.stretch.unchanged,
+                self.stretch.dead_letters.len(),
+                self.stretch.events,
+            );
+            let decided = self.decide(rows, Some(moved)).await?;
+            let writes = self.send(sink, decided).await?;
             unchanged += self.stretch.unchanged - before.0;
             dead += (self.stretch.dead_letters.len() - before.1) as i64;
-            sink.deliver(&mut events).await?;
-            events_sent += events.len() as i64;
+            events_sent += self.stretch.events - before.2;
+            self.stretch.events = before.2;
             let dead_letters: Vec<DeadLetter> =
                 self.stretch.dead_letters.drain(before.1..).collect();
             let tx = self
@@ -273,23 +278,36 @@ impl Deliverer {
     ) -> Result<i64, Error> {
         let page_size = self.batch_page_size();
         let mut sent = 0i64;
+        let mut after = String::new();
         loop {
-            let page =
-                ledger_store::ledger_page(&self.control, &self.pipeline, "", older_than, page_size)
-                    .await?;
-            if page.is_empty() {
+            let page = ledger_store::ledger_page(
+                &self.control,
+                &self.pipeline,
+                &after,
+                older_than,
+                page_size,
+            )
+            .await?;
+            let Some((last, _)) = page.last() else {
                 break;
+            };
+            after.clone_from(last);
+            let mut decided = super::deliver::Decided {
+                events: Vec::with_capacity(page.len()),
+                keys: Vec::with_capacity(page.len()),
+                writes: std::collections::HashMap::with_capacity(page.len()),
+            };
+            for (k, s) in page {
+                if s.user_id.is_some() || s.anonymous_id.is_some() {
+                    decided.events.push(ledger::deleted_event(template, &s, &k));
+                    decided.keys.push(Some(k.clone()));
+                }
+                decided.writes.insert(k, None);
             }
-            let mut events: Vec<Event> = page
-                .iter()
-                .filter(|(_, s): &&(String, Sent)| s.user_id.is_some() || s.anonymous_id.is_some())
-                .map(|(k, s)| ledger::deleted_event(template, s, k))
-                .collect();
-            sink.deliver(&mut events).await?;
-            sent += events.len() as i64;
-            self.stretch.events += events.len() as i64;
-            let gone: Vec<(String, Option<Sent>)> =
-                page.into_iter().map(|(k, _)| (k, None)).collect();
+            let before = self.stretch.events;
+            // A delete the destination refused for good keeps its entry (and is a dead letter).
+            let gone = self.send(sink, decided).await?;
+            sent += self.stretch.events - before;
             ledger_store::write_ledger(&self.control, &self.pipeline, self.generation, &gone)
                 .await?;
         }

@@ -213,7 +213,30 @@ pub async fn run_check(config: &Config) -> Result<(), Error> {
     }
 }
 
-/// Runs every check as the configured role; `echo` prints each line as it is recorded.
+/// The destination's own check (`Sink::healthcheck`): the broker reachable, the topic there
+/// (or created), the file writable.
+async fn check_destination(config: &Config, report: &mut Report) {
+    let result = match crate::sink::build(&config.destination) {
+        Ok(mut sink) => {
+            let checked = sink.healthcheck().await;
+            let _ = sink.shutdown().await;
+            checked
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(what) => report.pass(what),
+        Err(e) => {
+            let hint = e.hint();
+            report.fail(
+                format!("the destination cannot take events: {e}"),
+                vec![Fix::Step(hint)],
+            );
+        }
+    }
+}
+
+/// Runs every check as the configured role, then the destination's; `echo` prints each line as it is recorded.
 /// Never fails: a query that cannot run becomes a failed check that says so.
 pub async fn preflight(config: &Config, echo: bool) -> Report {
     let mut report = Report {
@@ -237,6 +260,7 @@ pub async fn preflight(config: &Config, echo: bool) -> Report {
         slot_exists: false,
     };
     ctx.run(conn.tls).await;
+    check_destination(config, &mut ctx.report).await;
     ctx.report
 }
 

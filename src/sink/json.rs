@@ -9,6 +9,15 @@ use serde_json::Value;
 use crate::transform::event::{Context, Library, Sources};
 use crate::transform::{Event, EventKind};
 
+/// Appends `events` as JSON lines (one object and a newline each), as they are: the encoder
+/// stamps nothing (`sentAt` is set by the delivery step).
+pub fn write_lines(events: &[Event], out: &mut Vec<u8>) {
+    for e in events {
+        write_event(out, e);
+        out.push(b'\n');
+    }
+}
+
 /// Appends `event` as one JSON object (no newline).
 pub fn write_event(out: &mut Vec<u8>, event: &Event) {
     // Destructured, so that a field added to `Event` fails to compile here until it is written.

@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod kafka;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;

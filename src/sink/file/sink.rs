@@ -11,8 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::{DeliverFuture, Sink, SinkError, write_jsonl};
-use crate::transform::Event;
+use crate::sink::{Batch, Sink, SinkError, SinkFuture, json};
 
 /// Bytes per `write(2)`. Measured on Linux 6.18/ext4: writing 160 MiB as 4 MiB (or 2 MiB) writes
 /// took ~0.6 s of CPU, as 1 MiB writes 0.05 s; a big batch is written in pieces.
@@ -75,13 +74,14 @@ fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
 }
 
 impl Sink for FileSink {
-    fn deliver<'a>(&'a mut self, events: &'a mut [Event]) -> DeliverFuture<'a> {
+    fn deliver<'a>(&'a mut self, batch: &'a mut Batch<'_>) -> SinkFuture<'a, ()> {
         Box::pin(async move {
-            if events.is_empty() {
+            if batch.is_done() {
                 return Ok(());
             }
+            // A failed write was cut off: the whole batch is written again.
             self.buf.clear();
-            write_jsonl(events, &mut self.buf)?;
+            json::write_lines(batch.events, &mut self.buf);
             let target = self.path.display().to_string();
             // After a failure whose partial write could not be cut off, open again: `open`
             // ends a partial last line, so the resent events start on a line of their own.
@@ -120,7 +120,29 @@ impl Sink for FileSink {
             })?;
             self.file = file;
             self.buf = buf;
-            result.map_err(|source| SinkError::Io { target, source })
+            result.map_err(|source| SinkError::Io { target, source })?;
+            batch.mark_all_delivered();
+            Ok(())
+        })
+    }
+
+    fn healthcheck(&mut self) -> SinkFuture<'_, String> {
+        Box::pin(async move {
+            if self.file.is_none() {
+                self.file = FileSink::open(self.path.clone(), self.fsync)?.file.take();
+            }
+            Ok(format!(
+                "the destination file {} is open for appending",
+                self.path.display()
+            ))
+        })
+    }
+
+    fn shutdown(&mut self) -> SinkFuture<'_, ()> {
+        // Every delivered batch was already flushed (and fsynced): nothing is held back.
+        Box::pin(async move {
+            self.file = None;
+            Ok(())
         })
     }
 

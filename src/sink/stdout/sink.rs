@@ -9,8 +9,7 @@
 
 use std::io::{ErrorKind, Write};
 
-use super::{DeliverFuture, Sink, SinkError, write_jsonl};
-use crate::transform::Event;
+use crate::sink::{Batch, Sink, SinkError, SinkFuture, json};
 
 /// Writes JSON lines to stdout.
 #[derive(Debug, Default)]
@@ -28,13 +27,13 @@ impl StdoutSink {
 }
 
 impl Sink for StdoutSink {
-    fn deliver<'a>(&'a mut self, events: &'a mut [Event]) -> DeliverFuture<'a> {
+    fn deliver<'a>(&'a mut self, batch: &'a mut Batch<'_>) -> SinkFuture<'a, ()> {
         Box::pin(async move {
-            if events.is_empty() {
+            if batch.is_done() {
                 return Ok(());
             }
             self.buf.clear();
-            write_jsonl(events, &mut self.buf)?;
+            json::write_lines(batch.events, &mut self.buf);
             let buf = std::mem::take(&mut self.buf);
             let mut unfinished = std::mem::take(&mut self.unfinished);
             let (buf, unfinished, result) = tokio::task::spawn_blocking(move || {
@@ -52,8 +51,19 @@ impl Sink for StdoutSink {
             result.map_err(|source| SinkError::Io {
                 target: "stdout".into(),
                 source,
-            })
+            })?;
+            batch.mark_all_delivered();
+            Ok(())
         })
+    }
+
+    fn healthcheck(&mut self) -> SinkFuture<'_, String> {
+        Box::pin(async { Ok("events go to standard output".to_owned()) })
+    }
+
+    fn shutdown(&mut self) -> SinkFuture<'_, ()> {
+        // Each batch was flushed as it was delivered.
+        Box::pin(async { Ok(()) })
     }
 
     fn describe(&self) -> String {
