@@ -252,12 +252,14 @@ impl Reader<'_> {
         if !matches!(stop, Stop::DelivererGone) {
             // Report the final checkpoint to the slot before closing the session.
             let metrics = session.metrics();
-            let sent_before = metrics.feedback_sent();
-            let deadline = Instant::now() + Duration::from_secs(5);
             while ack_rx.changed().await.is_ok() {
                 session.update_applied_lsn(*ack_rx.borrow_and_update());
             }
             session.update_applied_lsn(*ack_rx.borrow());
+            // Counted from the last position on: a status update sent while the deliverer was
+            // still draining carries an older one.
+            let sent_before = metrics.feedback_sent();
+            let deadline = Instant::now() + Duration::from_secs(5);
             while metrics.feedback_sent() == sent_before && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
