@@ -330,7 +330,8 @@ async fn a_window_larger_than_memory_is_staged_and_delivered_whole() {
     .unwrap();
     let lsn = current_lsn(&fx).await;
     wait_staged_past(&fx, lsn).await;
-    assert_eq!(staged_rows(&fx).await, 20000);
+    let staged = staged_rows(&fx).await;
+    assert_eq!(staged, 20000, "{}", fx.run_log());
     let (code, out, err) = fx.slotstream("sync", &[]);
     assert_eq!(code, 0, "{out}{err}");
     wait_until(Duration::from_secs(60), "the window's sync run", || async {

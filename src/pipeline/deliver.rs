@@ -61,8 +61,10 @@ pub(super) struct Deliverer {
     pub(super) batch: MicroBatch,
     /// Everything before this position is delivered (not necessarily checkpointed).
     pub(super) durable: Lsn,
-    /// A keepalive position with nothing pending before it.
+    /// A keepalive position with nothing pending before it (confirmed by a later keepalive).
     pub(super) idle: Option<Lsn>,
+    /// The last keepalive's position, not yet confirmed by the next one.
+    pub(super) idle_candidate: Option<Lsn>,
     /// The stored checkpoint.
     pub(super) checkpoint: Lsn,
     pub(super) last_checkpoint: Instant,
@@ -163,6 +165,13 @@ impl Deliverer {
         item: Item,
         bytes: u64,
     ) -> Result<(), Error> {
+        // A keepalive's WAL end may lie past a transaction the server has not sent yet (seen
+        // with PostgreSQL 15 under load): it counts only once the next keepalive came with
+        // nothing in between, and any other item voids it (docs/architecture.md §8).
+        if !matches!(item, Item::Idle(_)) {
+            self.idle = None;
+            self.idle_candidate = None;
+        }
         match item {
             Item::Row(row) => {
                 if row.event.context.sources.op != Op::Snapshot
@@ -200,9 +209,12 @@ impl Deliverer {
                 }
             }
             Item::Idle(wal_end) => {
-                if self.batch.is_empty() {
-                    self.idle = Some(self.idle.unwrap_or(wal_end).max(wal_end));
+                if self.batch.is_empty()
+                    && let Some(confirmed) = self.idle_candidate
+                {
+                    self.idle = Some(self.idle.unwrap_or(confirmed).max(confirmed));
                 }
+                self.idle_candidate = Some(wal_end);
             }
             Item::SnapshotDone { lsn, rows } => {
                 self.flush(sink).await?;
@@ -456,6 +468,7 @@ impl Deliverer {
             w.staged += staged;
         }
         self.budget.give_back(self.stretch.dead_letter_bytes);
+        tracing::debug!(to = %to, durable = %self.durable, idle = ?self.idle, staged = staged, "checkpoint write");
         if commit.events > 0 || !commit.dead_letters.is_empty() {
             tracing::debug!(from = %commit.from, to = %stored, events = commit.events, "checkpoint");
         }

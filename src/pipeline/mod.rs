@@ -644,6 +644,7 @@ async fn run_session(
             batch: MicroBatch::new(limits),
             durable: start_lsn,
             idle: None,
+            idle_candidate: None,
             checkpoint: start_lsn,
             last_checkpoint: Instant::now(),
             stretch: Stretch::new(start_lsn),
