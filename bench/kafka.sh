@@ -35,9 +35,7 @@
 #
 # Nothing is asserted (a benchmark is not a timed test): the figures are for a human to read.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-source scripts/pg-throwaway.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ROWS="${ROWS:-300000}"
 TXN_ROWS="${TXN_ROWS:-10000}"
@@ -51,30 +49,16 @@ LATENCY_SECS="${LATENCY_SECS:-20}"
 LAT_BATCH_EVENTS="${LAT_BATCH_EVENTS:-500}"
 LAT_BATCH_DELAY="${LAT_BATCH_DELAY:-10ms}"
 
-say() { printf '== %s\n' "$*" >&2; }
-now() { date +%s.%N; }
-
-if [[ -n "${SLOTSTREAM_BIN:-}" ]]; then
-    bin="$SLOTSTREAM_BIN"
-else
-    say "cargo build --release"
-    cargo build --release --quiet
-    bin="${CARGO_TARGET_DIR:-$root/target}/release/slotstream"
-fi
 tansu="${TANSU_BIN:-$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")}"
 [[ -x "$tansu" ]] || { echo "tansu not found: cargo install tansu --locked --features dynostore" >&2; exit 1; }
 
-work="$(mktemp -d /tmp/slotstream-bench-kafka.XXXXXX)"
-chmod 755 "$work"
 tansu_pid=""
 run_pid=""
-cleanup() {
+bench_extra_cleanup() {
     [[ -n "$run_pid" ]] && kill "$run_pid" 2>/dev/null || true
     [[ -n "$tansu_pid" ]] && kill "$tansu_pid" 2>/dev/null || true
-    pgt_stop
-    if [[ -n "${KEEP:-}" ]]; then echo "work directory kept: $work" >&2; else rm -rf "$work"; fi
 }
-trap cleanup EXIT
+bench_start kafka
 
 say "tansu broker (memory storage)"
 kport="$(free_port)"
@@ -83,8 +67,6 @@ kport="$(free_port)"
 tansu_pid=$!
 until (exec 3<>"/dev/tcp/127.0.0.1/$kport") 2>/dev/null; do sleep 0.05; done
 
-say "throwaway PostgreSQL (wal_level=logical)"
-pg_throwaway_start "$work/pg"
 pgt_psql -d postgres -c "CREATE DATABASE app"
 pgt_psql -d app <<'SQL'
 CREATE TABLE public.users (

@@ -16,6 +16,8 @@ apt_install() {
 }
 
 bench_cleanup() {
+    # A benchmark with processes of its own defines bench_extra_cleanup to stop them.
+    if declare -F bench_extra_cleanup >/dev/null; then bench_extra_cleanup; fi
     pgt_stop
     if [[ -n "${KEEP:-}" ]]; then echo "work directory kept: $work" >&2; else rm -rf "$work"; fi
 }
@@ -28,7 +30,7 @@ bench_start() {
     else
         say "cargo build --release"
         cargo build --release --quiet
-        bin="$root/target/release/slotstream"
+        bin="${CARGO_TARGET_DIR:-$root/target}/release/slotstream"
     fi
     work="$(mktemp -d "/tmp/slotstream-bench-$name.XXXXXX")"
     chmod 755 "$work"

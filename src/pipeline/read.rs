@@ -255,12 +255,12 @@ impl Reader<'_> {
             while ack_rx.changed().await.is_ok() {
                 session.update_applied_lsn(*ack_rx.borrow_and_update());
             }
-            session.update_applied_lsn(*ack_rx.borrow());
-            // Counted from the last position on: a status update sent while the deliverer was
-            // still draining carries an older one.
-            let sent_before = metrics.feedback_sent();
+            let last = *ack_rx.borrow();
+            session.update_applied_lsn(last);
+            // Until a status update carried the final position (one sent while the deliverer
+            // was still draining carries an older one).
             let deadline = Instant::now() + Duration::from_secs(5);
-            while metrics.feedback_sent() == sent_before && Instant::now() < deadline {
+            while metrics.last_applied_lsn() < last && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
