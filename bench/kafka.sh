@@ -27,6 +27,7 @@
 #   LATENCY_SECS=20     length of the latency part
 #   LAT_BATCH_EVENTS=500 LAT_BATCH_DELAY=10ms
 #                       schedule.max_batch_events / max_batch_delay of the realtime pipeline
+#   LEDGER=true         sync.ledger of both pipelines (false: no ledger writes)
 #   KEEP=1              keep the work directory (logs) and print its path
 #   SLOTSTREAM_BIN=…    a prebuilt binary instead of `cargo build --release`
 #   TANSU_BIN=…         the broker (default: tansu on PATH, else ~/.cargo/bin/tansu)
@@ -48,6 +49,7 @@ TX_CHANGES="${TX_CHANGES:-50}"
 LATENCY_SECS="${LATENCY_SECS:-20}"
 LAT_BATCH_EVENTS="${LAT_BATCH_EVENTS:-500}"
 LAT_BATCH_DELAY="${LAT_BATCH_DELAY:-10ms}"
+LEDGER="${LEDGER:-true}"
 
 tansu="${TANSU_BIN:-$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")}"
 [[ -x "$tansu" ]] || { echo "tansu not found: cargo install tansu --locked --features dynostore" >&2; exit 1; }
@@ -106,6 +108,9 @@ publication = "$pub"
 frequency = "realtime"
 max_batch_events = $3
 max_batch_delay = "$4"
+
+[sync]
+ledger = $LEDGER
 
 [destination]
 type = "kafka"

@@ -298,7 +298,7 @@ impl Deliverer {
         let mut found = HashMap::new();
         if self.rules.ledger {
             let mut need: Vec<String> = Vec::new();
-            for r in &rows {
+            for r in rows.iter().filter(|r| self.needs_lookup(r)) {
                 for k in [&r.key, &r.old_key].into_iter().flatten() {
                     if !self.pending.contains_key(k) {
                         need.push(k.clone());
@@ -370,6 +370,19 @@ impl Deliverer {
             keys,
             writes: overlay,
         })
+    }
+
+    /// Whether deciding `row` needs its stored ledger entry. An insert's key has none to speak
+    /// of (a delete removed it; in upsert mode an entry left by a delete only spares a
+    /// re-insert of identical traits), and a full sync that re-sends every row sends it
+    /// whatever the entry says: their entries are written, never read, which spares the
+    /// database a lookup per inserted or snapshot row.
+    fn needs_lookup(&self, row: &Row) -> bool {
+        match row.event.context.sources.op {
+            Op::Insert => row.old_key.is_some(),
+            Op::Snapshot => !self.rules.resend_snapshot,
+            Op::Update | Op::Delete => true,
+        }
     }
 
     /// Delivers decided events (retried for the batch by the sink's policy) and returns the
