@@ -84,25 +84,14 @@ CREATE TABLE public.users (
     updated_at timestamptz
 );
 SQL
-export SLOTSTREAM_PG_PASSWORD="bench-$RANDOM-$RANDOM"
-pub=slotstream_bench
-pgt_psql -d app -v schema=public -v table=users -v user=rudder \
-    -v password="$SLOTSTREAM_PG_PASSWORD" -v publication="$pub" -f sql/setup.sql >/dev/null
+bench_publish
 
 # name, topic, max_batch_events, max_batch_delay
 write_config() {
     cat > "$work/$1.toml" <<TOML
 name = "$1"
 
-[source]
-host = "127.0.0.1"
-port = $PGT_PORT
-database = "app"
-user = "rudder"
-password_env = "SLOTSTREAM_PG_PASSWORD"
-sslmode = "disable"
-table = "users"
-publication = "$pub"
+$(bench_source_toml)
 
 [schedule]
 frequency = "realtime"

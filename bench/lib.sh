@@ -38,3 +38,27 @@ bench_start() {
     say "throwaway PostgreSQL (wal_level=logical)"
     pg_throwaway_start "$work/pg"
 }
+
+# Applies sql/setup.sql to database `app` for public.users: role rudder with a fresh password
+# (exported as SLOTSTREAM_PG_PASSWORD) and publication $pub.
+bench_publish() {
+    export SLOTSTREAM_PG_PASSWORD="bench-$RANDOM-$RANDOM"
+    pub=slotstream_bench
+    pgt_psql -d app -v schema=public -v table=users -v user=rudder \
+        -v password="$SLOTSTREAM_PG_PASSWORD" -v publication="$pub" -f sql/setup.sql >/dev/null
+}
+
+# The [source] section of a bench pipeline's config (after bench_publish), on stdout.
+bench_source_toml() {
+    cat <<TOML
+[source]
+host = "127.0.0.1"
+port = $PGT_PORT
+database = "app"
+user = "rudder"
+password_env = "SLOTSTREAM_PG_PASSWORD"
+sslmode = "disable"
+table = "users"
+publication = "$pub"
+TOML
+}

@@ -45,10 +45,7 @@ CREATE TABLE public.users (
     updated_at timestamptz
 );
 SQL
-export SLOTSTREAM_PG_PASSWORD="bench-$RANDOM-$RANDOM"
-pub=slotstream_bench
-pgt_psql -d app -v schema=public -v table=users -v user=rudder \
-    -v password="$SLOTSTREAM_PG_PASSWORD" -v publication="$pub" -f sql/setup.sql >/dev/null
+bench_publish
 
 say "loading $ROWS rows"
 pgt_psql -d app -v rows="$ROWS" <<'SQL'
@@ -66,15 +63,7 @@ write_config() {
     cat > "$work/$name.toml" <<TOML
 name = "bench-$name"
 
-[source]
-host = "127.0.0.1"
-port = $PGT_PORT
-database = "app"
-user = "rudder"
-password_env = "SLOTSTREAM_PG_PASSWORD"
-sslmode = "disable"
-table = "users"
-publication = "$pub"
+$(bench_source_toml)
 
 [schedule]
 frequency = "$frequency"

@@ -213,10 +213,19 @@ pub fn decide(
             writes,
         };
     }
+    if !ledger {
+        // Nothing to compare with and nothing to record: no hash to compute.
+        events.push(event);
+        return Decision {
+            events,
+            outcome: Outcome::Sent,
+            writes,
+        };
+    }
     let partial = event.traits.as_ref().is_some_and(|t| t.is_partial());
     let snapshot = event.context.sources.op == Op::Snapshot;
     let sent = sent_of(&event, partial);
-    if let (true, Some(before)) = (ledger, current) {
+    if let Some(before) = current {
         let unchanged = before.hash.is_some()
             && before.hash == sent.hash
             && same_user(before, &event)
@@ -242,7 +251,7 @@ pub fn decide(
         }
     }
     events.push(event);
-    if let (true, Some(k)) = (ledger, key) {
+    if let Some(k) = key {
         writes.push((k, Some(sent)));
     }
     Decision {

@@ -134,16 +134,11 @@ impl Deliverer {
         self.stage_window().await?;
         let stored = state::load_window(&self.control, &self.pipeline).await?;
         tracing::info!(why, "delivering the window");
-        self.deliver_stage(sink, stored).await?;
-        if let Some(w) = self.window.as_mut() {
-            w.staged = 0;
-            let now = now_secs();
-            w.ends_at = w.schedule.next_boundary(now);
-        }
-        Ok(())
+        self.deliver_stage(sink, stored).await
     }
 
-    /// Delivers the stage page by page and records the window's sync run.
+    /// Delivers the stage page by page, records the window's sync run and opens the next
+    /// window.
     async fn deliver_stage(
         &mut self,
         sink: &mut dyn Sink,
@@ -214,6 +209,10 @@ impl Deliverer {
             next_started_at: closed_at,
         };
         state::close_window(&mut self.control, &self.pipeline, &run).await?;
+        if let Some(w) = self.window.as_mut() {
+            w.staged = 0;
+            w.ends_at = next_ends_at;
+        }
         tracing::info!(
             rows = run.window.rows,
             coalesced_into = staged,
@@ -389,31 +388,29 @@ impl LedgerFiller {
 
     /// Queues one delivered batch's writes (waits while the queue is full).
     pub(super) async fn write(&mut self, writes: Vec<(String, Option<Sent>)>) -> Result<(), Error> {
-        if self.tx.send(writes).await.is_err() {
-            // The writer ended: its error says why.
-            let (tx, _) = mpsc::channel(1);
-            let ended = std::mem::replace(&mut self.tx, tx);
-            drop(ended);
-            return Err(self.join().await.err().unwrap_or_else(|| {
-                Error::Internal("the ledger writer of the full sync ended early".into())
-            }));
+        if self.tx.send(writes).await.is_ok() {
+            return Ok(());
         }
-        Ok(())
-    }
-
-    async fn join(&mut self) -> Result<(), Error> {
-        match (&mut self.task).await {
-            Ok(r) => r,
-            Err(e) => Err(Error::Internal(format!(
-                "the ledger writer of the full sync failed: {e}"
-            ))),
-        }
+        // The writer ended (its receiver is gone): its error says why.
+        Err(joined(&mut self.task).await.err().unwrap_or_else(|| {
+            Error::Internal("the ledger writer of the full sync ended early".into())
+        }))
     }
 
     /// Waits until every queued write landed.
-    pub(super) async fn finish(mut self) -> Result<(), Error> {
-        let (tx, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.tx, tx));
-        self.join().await
+    pub(super) async fn finish(self) -> Result<(), Error> {
+        let LedgerFiller { tx, mut task } = self;
+        drop(tx);
+        joined(&mut task).await
+    }
+}
+
+/// The writer task's outcome.
+async fn joined(task: &mut tokio::task::JoinHandle<Result<(), Error>>) -> Result<(), Error> {
+    match task.await {
+        Ok(r) => r,
+        Err(e) => Err(Error::Internal(format!(
+            "the ledger writer of the full sync failed: {e}"
+        ))),
     }
 }
