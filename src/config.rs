@@ -9,13 +9,13 @@
 //! Secrets are [`SecretString`]s: they never appear in `Debug` output, logs or error messages.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::SecretString;
 
 use crate::batch::schedule::Schedule;
+pub use crate::metrics::{MetricsConfig, RawMetrics};
 use serde::Deserialize;
 
 pub use crate::sink::{DestinationConfig, RawDestination};
@@ -174,13 +174,6 @@ pub struct RawSync {
     history_keep_runs: Option<u64>,
 }
 
-/// `[metrics]` as written.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawMetrics {
-    listen: Option<String>,
-}
-
 // ---------------------------------------------------------------------------------------------
 // Step 2: the validated config.
 // ---------------------------------------------------------------------------------------------
@@ -207,8 +200,8 @@ pub struct Config {
     pub history: SyncHistory,
     /// Where events go.
     pub destination: DestinationConfig,
-    /// The metrics listener, if any.
-    pub metrics_listen: Option<SocketAddr>,
+    /// `[metrics]`: the endpoint and the slot's safety thresholds.
+    pub metrics: MetricsConfig,
 }
 
 /// How to reach PostgreSQL and which table to follow.
@@ -561,21 +554,10 @@ impl RawConfig {
             .destination
             .validate(getenv)
             .map_err(|(key, message)| ConfigError::invalid(&key, message))?;
-        let metrics_listen = match self.metrics.listen {
-            None => None,
-            Some(s) => {
-                s.parse::<SocketAddr>().map_err(|_| {
-                    ConfigError::invalid(
-                        "metrics.listen",
-                        format!("is {s:?}; write an address and port such as \"127.0.0.1:9187\""),
-                    )
-                })?;
-                return Err(ConfigError::invalid(
-                    "metrics.listen",
-                    "the metrics endpoint is not in this release: remove [metrics] (`slotstream status` shows the slot's lag and the last sync runs)",
-                ));
-            }
-        };
+        let metrics = self
+            .metrics
+            .validate()
+            .map_err(|(key, message)| ConfigError::invalid(&key, message))?;
         Ok(Config {
             name,
             source,
@@ -586,7 +568,7 @@ impl RawConfig {
             on_truncate,
             history,
             destination,
-            metrics_listen,
+            metrics,
         })
     }
 }
@@ -978,16 +960,22 @@ type = "stdout"
     }
 
     #[test]
-    fn keys_of_features_not_built_yet_are_refused_not_ignored() {
-        let extra = "[metrics]\nlisten = \"127.0.0.1:9187\"\n";
+    fn metrics_keys_reach_the_config() {
+        let extra = "[metrics]\nlisten = \"127.0.0.1:9187\"\nlag_warn_bytes = \"2GiB\"\n";
         let text = MINIMAL.replacen("[destination]", &format!("{extra}[destination]"), 1);
-        match parse(&text, &[]).expect_err("metrics") {
-            ConfigError::Invalid { key, message } => {
-                assert_eq!(key, "metrics.listen");
-                assert!(message.contains("not in this release"), "{message}");
-            }
+        let c = parse(&text, &[]).expect("valid");
+        assert_eq!(c.metrics.listen, "127.0.0.1:9187".parse().ok());
+        assert_eq!(c.metrics.lag_warn_bytes, 2 << 30);
+        let bad = MINIMAL.replacen(
+            "[destination]",
+            "[metrics]\nlisten = \"nowhere\"\n[destination]",
+            1,
+        );
+        match parse(&bad, &[]).expect_err("bad listen") {
+            ConfigError::Invalid { key, .. } => assert_eq!(key, "metrics.listen"),
             other => panic!("metrics.listen: {other:?}"),
         }
+        assert_eq!(parse(MINIMAL, &[]).expect("valid").metrics.listen, None);
     }
 
     #[test]

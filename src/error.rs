@@ -84,6 +84,14 @@ pub enum Error {
         /// The fix, as `check` prints it under that line (indented, one step per line).
         fix: String,
     },
+    /// The metrics endpoint cannot be served (`[metrics] listen`).
+    #[error("{message}")]
+    Endpoint {
+        /// What is wrong.
+        message: String,
+        /// What to do.
+        hint: String,
+    },
     /// The table cannot be mapped to events as configured.
     #[error("{message}")]
     Mapping {
@@ -101,7 +109,7 @@ impl Error {
             Error::Postgres(e) => e.is_retryable(),
             Error::Source(e) => e.is_retryable(),
             Error::Sink(e) => e.is_retryable(),
-            Error::Internal(_) | Error::AlreadyRunning { .. } => false,
+            Error::Internal(_) | Error::AlreadyRunning { .. } | Error::Endpoint { .. } => false,
             Error::Config(_)
             | Error::PreflightFailed { .. }
             | Error::Decode(_)
@@ -133,7 +141,7 @@ impl Error {
             Error::Decode(_) => {
                 "this is a bug or an unsupported server: report it with the message above; nothing was acknowledged, so a fixed version resumes without loss".into()
             }
-            Error::Mapping { hint, .. } => hint.clone(),
+            Error::Mapping { hint, .. } | Error::Endpoint { hint, .. } => hint.clone(),
             Error::AlreadyRunning { .. } => {
                 "one `slotstream run` per pipeline: stop the running one first (SIGTERM) if you mean to replace it; a second pipeline on this database needs its own `name`. If that process is gone, the server releases its lock within about a minute, or at once with SELECT pg_terminate_backend(<its lock session's backend pid>)".into()
             }
@@ -159,6 +167,7 @@ impl Error {
             | Error::Source(_)
             | Error::Sink(_)
             | Error::Internal(_)
+            | Error::Endpoint { .. }
             | Error::AlreadyRunning { .. } => exit::RUNTIME,
         }
     }

@@ -6,11 +6,17 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::metrics::forecast::{Forecaster, Sample, human_seconds};
+use crate::metrics::monitor;
 use crate::postgres::lock::{self, PipelineLock};
 use crate::postgres::{self, PgError, state};
 use crate::source::{SourceError, stream};
 
-/// The status report (`--json` prints it as is).
+/// Below this lag the slot is taken as caught up for `lag_seconds` (a running pipeline's idle
+/// checkpoint follows the WAL once it moved this far).
+const LAG_SECONDS_MIN_BYTES: i64 = 1024 * 1024;
+
+/// The status report (`--json` prints it as is; docs/status.schema.json describes it).
 #[derive(Debug, Serialize)]
 pub struct Status {
     /// Pipeline name.
@@ -21,14 +27,36 @@ pub struct Status {
     pub slot_exists: bool,
     /// Whether a process is reading it.
     pub slot_active: bool,
+    /// The walsender streaming from it (`pg_replication_slots.active_pid`).
+    pub slot_active_pid: Option<i32>,
+    /// The `slotstream run` holding the pipeline's lock: its OS process id, if one runs.
+    pub run_pid: Option<u32>,
+    /// Whether a `slotstream run` of this pipeline is live (it holds the pipeline lock).
+    pub running: bool,
     /// The slot's `wal_status`.
     pub wal_status: Option<String>,
     /// The slot's confirmed flush position.
     pub confirmed_flush_lsn: Option<String>,
     /// Bytes of WAL the slot holds back (`pg_current_wal_lsn() - confirmed_flush_lsn`).
     pub lag_bytes: Option<i64>,
+    /// How long the slot has held WAL back: the time since the checkpoint last moved, when the
+    /// lag is over 1 MiB (a running pipeline moves it at least every 10 s once the WAL moved
+    /// that much); 0 otherwise.
+    pub lag_seconds: Option<f64>,
+    /// WAL the server keeps for the slot (`pg_current_wal_lsn() - restart_lsn`).
+    pub retained_wal_bytes: Option<i64>,
+    /// WAL that can still be written before the server invalidates the slot (`None`: no
+    /// `max_slot_wal_keep_size`, no limit).
+    pub safe_wal_size_bytes: Option<i64>,
+    /// WAL written per second on the server, measured over one second (only with a limit).
+    pub wal_rate_bytes_per_second: Option<f64>,
+    /// Seconds before the slot is invalidated at that rate (`None`: no limit, or no WAL
+    /// written).
+    pub invalidation_forecast_seconds: Option<f64>,
     /// The stored checkpoint.
     pub checkpoint_lsn: Option<String>,
+    /// When the checkpoint was last written (RFC 3339, UTC).
+    pub checkpoint_at: Option<String>,
     /// pending / running / done.
     pub full_sync: Option<String>,
     /// Whether a resync was requested.
@@ -87,16 +115,56 @@ pub async fn gather(config: &Config) -> Result<Status, Error> {
     let client = postgres::connect(&config.source, &config.name)
         .await?
         .client;
-    let slot = client
+    let slot = monitor::read_slot(&client, &config.source.slot, &config.name)
+        .await
+        .map_err(|e| PgError::query("reading the slot", e))?;
+    let confirmed: Option<String> = client
         .query_opt(
-            "SELECT active, wal_status, confirmed_flush_lsn::text,
-                    (pg_current_wal_lsn() - confirmed_flush_lsn)::int8
-               FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
             &[&config.source.slot],
         )
         .await
-        .map_err(|e| PgError::query("reading the slot", e))?;
+        .map_err(|e| PgError::query("reading the slot", e))?
+        .and_then(|r| r.get(0));
+    // With a limit on the WAL a slot may hold, the time left at the current WAL rate.
+    let mut forecast = Forecaster::default();
+    let started = std::time::Instant::now();
+    let sample = |r: &monitor::SlotReading| Sample {
+        at_secs: started.elapsed().as_secs_f64(),
+        wal_position: r.wal_position.max(0) as u64,
+        safe_wal_size: r.safe_wal_size,
+    };
+    forecast.push(sample(&slot));
+    let (rate, slot) = if slot.exists && slot.safe_wal_size.is_some() {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let again = monitor::read_slot(&client, &config.source.slot, &config.name)
+            .await
+            .map_err(|e| PgError::query("reading the slot", e))?;
+        (forecast.push(sample(&again)), again)
+    } else {
+        (None, slot)
+    };
+    let left = forecast.seconds_left();
     let checkpoint = state::load(&client, &config.name).await?;
+    let checkpoint_at: Option<(String, f64)> = match &checkpoint {
+        None => None,
+        Some(_) => client
+            .query_opt(
+                r#"SELECT to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
+                          extract(epoch FROM now() - updated_at)::float8
+                     FROM "_rudderstack".cdc_checkpoints WHERE pipeline = $1"#,
+                &[&config.name],
+            )
+            .await
+            .map_err(|e| PgError::query("reading the checkpoint", e))?
+            .map(|r| (r.get(0), r.get(1))),
+    };
+    let lag_seconds = match (slot.lag_bytes, &checkpoint_at) {
+        (Some(lag), Some((_, age))) if lag > LAG_SECONDS_MIN_BYTES => Some(age.max(0.0)),
+        (Some(_), _) => Some(0.0),
+        (None, _) => None,
+    };
+    let run_pid = lock::holder(&client, &config.name).await?;
     let mut recent_runs = Vec::new();
     let mut dead_letters = 0;
     if checkpoint.is_some() {
@@ -145,12 +213,21 @@ pub async fn gather(config: &Config) -> Result<Status, Error> {
         ledger_rows,
         pipeline: config.name.clone(),
         slot: config.source.slot.clone(),
-        slot_exists: slot.is_some(),
-        slot_active: slot.as_ref().map(|r| r.get(0)).unwrap_or(false),
-        wal_status: slot.as_ref().and_then(|r| r.get(1)),
-        confirmed_flush_lsn: slot.as_ref().and_then(|r| r.get(2)),
-        lag_bytes: slot.as_ref().and_then(|r| r.get(3)),
+        slot_exists: slot.exists,
+        slot_active: slot.active,
+        slot_active_pid: slot.active_pid,
+        running: run_pid.is_some(),
+        run_pid: run_pid.and_then(|h| h.slotstream_pid()),
+        wal_status: slot.wal_status.clone(),
+        confirmed_flush_lsn: confirmed,
+        lag_bytes: slot.lag_bytes,
+        lag_seconds,
+        retained_wal_bytes: slot.retained_bytes,
+        safe_wal_size_bytes: slot.safe_wal_size,
+        wal_rate_bytes_per_second: rate,
+        invalidation_forecast_seconds: (slot.exists && left.is_finite()).then_some(left),
         checkpoint_lsn: checkpoint.as_ref().map(|c| c.lsn.to_string()),
+        checkpoint_at: checkpoint_at.map(|(at, _)| at),
         full_sync: checkpoint
             .as_ref()
             .map(|c| c.full_sync_state.as_str().to_owned()),
@@ -222,26 +299,73 @@ pub async fn run(config: &Config, json: bool) -> Result<(), Error> {
         return print(&format!("{text}\n"));
     }
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let bytes = |b: Option<i64>| {
+        b.map(|b| bytesize::ByteSize::b(b.max(0) as u64).to_string())
+            .unwrap_or_else(|| "-".into())
+    };
     let mut t = format!("pipeline      {}\n", s.pipeline);
+    t.push_str(&format!(
+        "run           {}\n",
+        match (s.running, s.run_pid) {
+            (true, Some(pid)) => format!("running (pid {pid})"),
+            (true, None) => "running".to_owned(),
+            (false, _) => "not running".to_owned(),
+        }
+    ));
     t.push_str(&format!(
         "slot          {} ({})\n",
         s.slot,
         if !s.slot_exists {
             "missing".to_owned()
         } else if s.slot_active {
-            format!("active, wal_status {}", opt(&s.wal_status))
+            format!(
+                "active{}, wal_status {}",
+                s.slot_active_pid
+                    .map(|p| format!(" by walsender pid {p}"))
+                    .unwrap_or_default(),
+                opt(&s.wal_status)
+            )
         } else {
             format!("inactive, wal_status {}", opt(&s.wal_status))
         }
     ));
     t.push_str(&format!("confirmed     {}\n", opt(&s.confirmed_flush_lsn)));
     t.push_str(&format!(
-        "lag           {}\n",
-        s.lag_bytes
-            .map(|b| bytesize::ByteSize::b(b.max(0) as u64).to_string())
-            .unwrap_or_else(|| "-".into())
+        "lag           {}{}\n",
+        bytes(s.lag_bytes),
+        s.lag_seconds
+            .map(|l| format!(", {}", human_seconds(l.round())))
+            .unwrap_or_default()
     ));
-    t.push_str(&format!("checkpoint    {}\n", opt(&s.checkpoint_lsn)));
+    t.push_str(&format!(
+        "retained WAL  {} (safe WAL left: {})\n",
+        bytes(s.retained_wal_bytes),
+        match s.safe_wal_size_bytes {
+            None => "no limit".to_owned(),
+            Some(b) => bytes(Some(b)),
+        }
+    ));
+    if s.safe_wal_size_bytes.is_some() {
+        t.push_str(&format!(
+            "invalidation  {}\n",
+            match (s.invalidation_forecast_seconds, s.wal_rate_bytes_per_second) {
+                (Some(left), Some(rate)) => format!(
+                    "in about {} at {}/s of WAL",
+                    human_seconds(left.round()),
+                    bytesize::ByteSize::b(rate as u64)
+                ),
+                _ => "not foreseen (no WAL written over the last second)".to_owned(),
+            }
+        ));
+    }
+    t.push_str(&format!(
+        "checkpoint    {}{}\n",
+        opt(&s.checkpoint_lsn),
+        s.checkpoint_at
+            .as_ref()
+            .map(|at| format!(" at {at}"))
+            .unwrap_or_default()
+    ));
     t.push_str(&format!(
         "full sync     {}{}\n",
         opt(&s.full_sync),

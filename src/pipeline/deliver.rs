@@ -32,6 +32,13 @@ pub(super) struct Stretch {
     pub(super) started_unix_micros: i64,
 }
 
+/// Microseconds since the Unix epoch of an RFC 3339 time (an event's commit time).
+fn unix_micros_of(rfc3339: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1000).ok()
+}
+
 pub(super) fn unix_micros_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -98,6 +105,14 @@ pub(super) struct Deliverer {
     pub(super) filler: Option<super::window::LedgerFiller>,
     /// The pipeline's config (for the filler's connection).
     pub(super) config: Arc<Config>,
+    /// The run's metrics.
+    pub(super) metrics: Arc<Metrics>,
+    /// Commits with rows of the table not yet delivered (end LSN, Unix µs of the commit),
+    /// oldest first: the delivery latency and the source lag (realtime only).
+    pub(super) commits: std::collections::VecDeque<(Lsn, i64)>,
+    /// Commit time (Unix µs) of the first change in the current micro-batch: a batch that
+    /// waits for the destination holds the oldest change before its commit is even handled.
+    pub(super) batch_oldest: Option<i64>,
 }
 
 impl Deliverer {
@@ -188,6 +203,10 @@ impl Deliverer {
                     // Changes read before a full sync's snapshot go out before its rows.
                     self.deliver_window(sink, "a full sync starts").await?;
                 }
+                if self.batch.is_empty() && row.event.context.sources.op != Op::Snapshot {
+                    self.batch_oldest = unix_micros_of(&row.event.original_timestamp);
+                    self.publish_pending();
+                }
                 if self.batch.push(row, bytes) {
                     self.flush(sink).await?;
                 }
@@ -201,11 +220,22 @@ impl Deliverer {
                 self.stretch.dead_letter_bytes += bytes;
                 return Ok(());
             }
-            Item::Commit { end_lsn, rows } => {
+            Item::Commit {
+                end_lsn,
+                rows,
+                commit_unix_micros,
+            } => {
                 self.stretch.rows += rows;
+                if rows > 0 && self.window.is_none() {
+                    self.commits.push_back((end_lsn, commit_unix_micros));
+                    if self.commits.len() == 1 {
+                        self.publish_pending();
+                    }
+                }
                 self.batch.commit(end_lsn);
                 if let Some(lsn) = self.batch.take_commit_if_empty() {
                     self.durable = self.durable.max(lsn);
+                    self.settle_commits();
                 }
             }
             Item::Idle(wal_end) => {
@@ -231,6 +261,7 @@ impl Deliverer {
                 self.durable = self.durable.max(lsn);
                 self.checkpoint = self.checkpoint.max(lsn);
                 self.write_checkpoint(lsn).await?;
+                self.metrics.full_sync_state("done");
                 tracing::info!(rows, lsn = %lsn, "full sync delivered; streaming from its position");
             }
         }
@@ -276,14 +307,40 @@ impl Deliverer {
             self.pending.extend(writes);
         }
         let bytes = self.batch.bytes();
+        self.metrics.batch_size(bytes);
+        self.batch_oldest = None;
         if let Some(lsn) = self.batch.delivered() {
             self.durable = self.durable.max(lsn);
         }
+        self.settle_commits();
         self.budget.give_back(bytes);
         if self.pending.len() >= PENDING_LEDGER_MAX {
             self.commit_checkpoint(self.durable).await?;
         }
         Ok(())
+    }
+
+    /// Observes the delivery latency of the commits the delivered position now covers, and
+    /// reports the oldest one still waiting (the source lag).
+    fn settle_commits(&mut self) {
+        while let Some(&(lsn, micros)) = self.commits.front() {
+            if lsn > self.durable {
+                break;
+            }
+            self.metrics.delivered_change(micros);
+            self.commits.pop_front();
+        }
+        self.publish_pending();
+    }
+
+    /// Publishes the commit time of the oldest change not yet delivered (the source lag).
+    fn publish_pending(&self) {
+        let queued = self.commits.front().map(|&(_, micros)| micros);
+        let oldest = match (queued, self.batch_oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.metrics.oldest_pending(oldest);
     }
 
     /// Decides what `rows` become against the ledger (see [`ledger::decide`]): the events to
@@ -320,6 +377,7 @@ impl Deliverer {
                 .unwrap_or_else(|| found.get(k).cloned())
         };
         let mut moved = moved.map(Vec::into_iter);
+        let mut unchanged = 0u64;
         let mut events = Vec::with_capacity(rows.len());
         let mut keys = Vec::with_capacity(rows.len());
         for row in rows {
@@ -344,7 +402,10 @@ impl Deliverer {
             let template = (row.event.message_id, row.event.context.sources.lsn.clone());
             let d = ledger::decide(row, current.as_ref(), moved_from.as_ref(), self.rules);
             match d.outcome {
-                Outcome::Unchanged => self.stretch.unchanged += 1,
+                Outcome::Unchanged => {
+                    self.stretch.unchanged += 1;
+                    unchanged += 1;
+                }
                 Outcome::Unidentified => {
                     let dead = DeadLetter {
                         lsn: template.1.parse().unwrap_or(Lsn::ZERO),
@@ -365,6 +426,7 @@ impl Deliverer {
                 overlay.extend(d.writes);
             }
         }
+        self.metrics.unchanged(unchanged);
         Ok(Decided {
             events,
             keys,
@@ -394,6 +456,8 @@ impl Deliverer {
         mut decided: Decided,
     ) -> Result<Vec<(String, Option<Sent>)>, Error> {
         let refused = sink::retry::deliver(sink, &mut decided.events).await?;
+        self.metrics
+            .batch_delivered(decided.events.len(), refused.len());
         self.stretch.events += (decided.events.len() - refused.len()) as i64;
         if !refused.is_empty() {
             let ids: std::collections::HashSet<uuid::Uuid> =
@@ -477,6 +541,8 @@ impl Deliverer {
             started_unix_micros: self.stretch.started_unix_micros,
         };
         let stored = state::commit_checkpoint(&mut self.control, &self.pipeline, &commit).await?;
+        self.metrics.checkpointed(stored);
+        self.metrics.dead_lettered(commit.dead_letters.len() as u64);
         if let Some(w) = self.window.as_mut() {
             w.staged += staged;
         }

@@ -78,6 +78,8 @@ struct Txn {
     stamp: Stamp,
     ordinal: u64,
     rows: i64,
+    /// Commit time, microseconds since the Unix epoch.
+    commit_unix_micros: i64,
 }
 
 /// Turns decoded pgoutput messages into items for the deliverer (see the module docs).
@@ -173,13 +175,23 @@ impl<'a> ChangeMapper<'a> {
             stamp: Stamp::new(final_lsn, &pg_micros_to_rfc3339(commit_time_micros)),
             ordinal: 0,
             rows: 0,
+            commit_unix_micros: commit_time_micros
+                .saturating_add(crate::transform::event::PG_EPOCH_OFFSET_MICROS),
         });
     }
 
     /// The open transaction committed; its changes are durable once delivered up to `end_lsn`.
     pub(super) fn commit(&mut self, end_lsn: Lsn) -> Item {
-        let rows = self.txn.take().map(|t| t.rows).unwrap_or(0);
-        Item::Commit { end_lsn, rows }
+        let (rows, commit_unix_micros) = self
+            .txn
+            .take()
+            .map(|t| (t.rows, t.commit_unix_micros))
+            .unwrap_or((0, 0));
+        Item::Commit {
+            end_lsn,
+            rows,
+            commit_unix_micros,
+        }
     }
 
     fn qualified(&self) -> String {

@@ -155,7 +155,7 @@ fn ordinals_count_every_change_of_the_transaction() {
     // The second change of the transaction, whichever table the first one touched.
     assert_eq!(e.message_id, stream_message_id("p", Lsn::from(0x100), 2));
     match h.mapper.commit(Lsn::from(0x180)) {
-        Item::Commit { end_lsn, rows } => {
+        Item::Commit { end_lsn, rows, .. } => {
             assert_eq!(end_lsn, Lsn::from(0x180));
             assert_eq!(rows, 1, "only the followed table's rows are counted");
         }

@@ -55,6 +55,9 @@ use crate::config::{Config, SyncHistory};
 use crate::decode::pgoutput::PgoutputDecoder;
 use crate::decode::value::TypeCatalog;
 use crate::error::{Error, Recovery};
+use crate::metrics::monitor::Monitor;
+use crate::metrics::server::MetricsServer;
+use crate::metrics::{ChangeCounts, Metrics};
 use crate::postgres::lock::{LockWatch, PipelineLock};
 use crate::postgres::preflight::Verifier;
 use crate::postgres::state::{self, CheckpointCommit, DeadLetter, FullSyncState};
@@ -121,6 +124,8 @@ pub enum Item {
         end_lsn: Lsn,
         /// Rows of the followed table it changed.
         rows: i64,
+        /// Its commit time, microseconds since the Unix epoch (delivery latency, source lag).
+        commit_unix_micros: i64,
     },
     /// A keepalive outside any transaction: every commit before `wal_end` has been sent.
     Idle(Lsn),
@@ -212,11 +217,55 @@ pub async fn run_with_shutdown(
     once: bool,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    let metrics = Arc::new(Metrics::new(&config.name));
+    // Bound first: a port already taken is reported before anything else happens.
+    let server = match config.metrics.listen {
+        Some(addr) => Some(
+            MetricsServer::bind(addr)
+                .await
+                .map_err(|e| Error::Endpoint {
+                    message: e.to_string(),
+                    hint: "choose a free port for [metrics] listen, or stop what holds it".into(),
+                })?,
+        ),
+        None => None,
+    };
     let sink = sink::build(&config.destination)?;
     let sink = Arc::new(tokio::sync::Mutex::new(sink));
-    let result = run_sessions(config, once, shutdown, sink.clone()).await;
+    // The run stops on the process's shutdown signal, or when the slot's watch finds the slot
+    // invalidated: one stop signal for the sessions, the monitor and the endpoint.
+    let (stop_tx, stop) = watch::channel(*shutdown.borrow());
+    let stop_tx = Arc::new(stop_tx);
+    let served = server.map(|s| s.spawn(metrics.clone(), stop.clone()));
+    let (monitor, lost) = Monitor::spawn(Arc::new(config.clone()), metrics.clone(), stop.clone());
+    let forward = {
+        let (mut shutdown, mut lost, stop_tx) = (shutdown.clone(), lost.clone(), stop_tx.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => {}
+                _ = lost.wait_for(|l| l.is_some()) => {}
+            }
+            let _ = stop_tx.send(true);
+        })
+    };
+    let result = run_sessions(config, once, stop, sink.clone(), &metrics).await;
     // Whatever ended the run, the sink flushes what it holds (records in flight).
     let flushed = sink.lock().await.shutdown().await;
+    forward.abort();
+    let _ = stop_tx.send(true);
+    let _ = monitor.await;
+    if let Some(served) = served {
+        let _ = served.await;
+    }
+    if let Some(reason) = lost.borrow().clone() {
+        return Err(SourceError::SlotUnusable {
+            slot: config.source.slot.clone(),
+            reason: format!(
+                "{reason}; the changes since the last checkpoint are gone from the WAL, so the run stopped instead of going on without them"
+            ),
+        }
+        .into());
+    }
     match (result, flushed) {
         (Err(e), _) => Err(e),
         (Ok(()), Err(e)) => Err(e.into()),
@@ -231,6 +280,7 @@ async fn run_sessions(
     once: bool,
     shutdown: watch::Receiver<bool>,
     sink: Arc<tokio::sync::Mutex<Box<dyn Sink>>>,
+    metrics: &Arc<Metrics>,
 ) -> Result<(), Error> {
     let mut backoff = Duration::from_millis(500);
     let mut once_target: Option<Lsn> = None;
@@ -241,7 +291,8 @@ async fn run_sessions(
         let result = match hold_lock(config, &mut lock).await {
             Ok(watch) => {
                 let (stop, forward) = session_stop(&shutdown, watch.clone());
-                let result = run_session(config, once, &mut once_target, stop, sink.clone()).await;
+                let result =
+                    run_session(config, once, &mut once_target, stop, sink.clone(), metrics).await;
                 forward.abort();
                 match result {
                     Ok(()) if watch.is_lost() && !*shutdown.borrow() => Err(PgError::Query {
@@ -255,6 +306,7 @@ async fn run_sessions(
             }
             Err(e) => Err(e),
         };
+        metrics.source_state(None, result.as_ref().err().map(|e| e.to_string()));
         match result {
             Ok(()) => return Ok(()),
             Err(e)
@@ -279,6 +331,7 @@ async fn run_sessions(
                     _ = sd.wait_for(|s| *s) => return Ok(()),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(60));
+                metrics.reconnected();
             }
             Err(e) => return Err(e),
         }
@@ -481,12 +534,14 @@ async fn run_session(
     once_target: &mut Option<Lsn>,
     shutdown: watch::Receiver<bool>,
     sink: Arc<tokio::sync::Mutex<Box<dyn Sink>>>,
+    metrics: &Arc<Metrics>,
 ) -> Result<(), Error> {
     let src = &config.source;
     // The destination first: a broker that cannot take events, or a topic that does not exist,
     // is reported before anything is read.
-    let checked = sink.lock().await.healthcheck().await?;
-    tracing::debug!("{checked}");
+    let checked = sink.lock().await.healthcheck().await;
+    metrics.destination_state(checked.as_ref().err().map(|e| e.to_string()));
+    tracing::debug!("{}", checked?);
     let mut control = connect_control(config).await?;
     // Refuse an unsupported server before touching anything.
     let version = postgres::version::server_version(&control).await?;
@@ -563,6 +618,7 @@ async fn run_session(
         &src.table,
     )
     .await?;
+    metrics.full_sync_state(checkpoint.full_sync_state.as_str());
     let hash = mapping_hash(config);
     let full_sync = FullSyncIdentity {
         mapping_hash: &hash,
@@ -635,9 +691,11 @@ async fn run_session(
         false => config.destination.retry().clone(),
     };
     let retry_stop = shutdown.clone();
+    let deliverer_metrics = metrics.clone();
     let deliverer = tokio::spawn(async move {
         let mut sink = sink.lock().await;
-        let mut sink = sink::retry::Retrying::new(&mut **sink, retry, retry_stop);
+        let mut sink = sink::retry::Retrying::new(&mut **sink, retry, retry_stop)
+            .with_metrics(deliverer_metrics.clone());
         let mut d = Deliverer {
             pipeline: pipeline_name,
             control: deliverer_control,
@@ -663,6 +721,9 @@ async fn run_session(
             page_size,
             filler: None,
             config: deliverer_config,
+            metrics: deliverer_metrics,
+            commits: std::collections::VecDeque::new(),
+            batch_oldest: None,
         };
         d.run(&mut sink, rx).await
     });
@@ -677,11 +738,12 @@ async fn run_session(
         config,
         control,
         ctx,
-        out: Outbox::new(tx, budget),
+        out: Outbox::new(tx, budget, metrics.clone()),
         replication_events: plan.replication_events,
         ack_rx,
         shutdown,
         verifier,
+        metrics: metrics.clone(),
     };
     let read_result = reader
         .run(

@@ -9,10 +9,13 @@ pub(super) struct Progress {
     pub(super) estimate: u64,
     pub(super) started: Instant,
     pub(super) last_log: Instant,
+    /// Rows counted in the metrics so far.
+    reported: u64,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Progress {
-    pub(super) fn new(estimated_rows: i64) -> Self {
+    pub(super) fn new(estimated_rows: i64, metrics: Arc<crate::metrics::Metrics>) -> Self {
         let estimate = u64::try_from(estimated_rows).unwrap_or(0);
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(estimate.max(1));
@@ -30,11 +33,16 @@ impl Progress {
             estimate,
             started: now,
             last_log: now,
+            reported: 0,
+            metrics,
         }
     }
 
     pub(super) fn row(&mut self) {
         self.rows += 1;
+        if self.rows.is_multiple_of(1024) {
+            self.report();
+        }
         if let Some(bar) = &self.bar {
             if self.rows.is_multiple_of(1024) {
                 if self.rows > bar.length().unwrap_or(0) {
@@ -56,7 +64,14 @@ impl Progress {
         }
     }
 
-    pub(super) fn finish(&self) {
+    /// Adds the rows read since the last report to the metrics.
+    fn report(&mut self) {
+        self.metrics.full_sync_rows(self.rows - self.reported);
+        self.reported = self.rows;
+    }
+
+    pub(super) fn finish(&mut self) {
+        self.report();
         if let Some(bar) = &self.bar {
             bar.set_position(self.rows);
             bar.finish_and_clear();

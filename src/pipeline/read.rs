@@ -16,6 +16,8 @@ pub(super) struct Reader<'a> {
     pub(super) shutdown: watch::Receiver<bool>,
     /// Checks that the publication covers what the mapping needs.
     pub(super) verifier: Arc<Verifier>,
+    /// The run's metrics and readiness.
+    pub(super) metrics: Arc<Metrics>,
 }
 
 /// What a full sync that starts in this session is: the mapping it sends and its generation
@@ -45,14 +47,23 @@ pub(super) struct Outbox {
     /// with the bytes it took from the budget.
     pub(super) pending: Chunk,
     budget: Arc<MemoryBudget>,
+    /// Changes queued since the last hand-over, reported to the metrics with it.
+    counts: ChangeCounts,
+    metrics: Arc<Metrics>,
 }
 
 impl Outbox {
-    pub(super) fn new(tx: mpsc::Sender<Chunk>, budget: Arc<MemoryBudget>) -> Self {
+    pub(super) fn new(
+        tx: mpsc::Sender<Chunk>,
+        budget: Arc<MemoryBudget>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Outbox {
             tx,
             pending: Vec::with_capacity(CHUNK_ITEMS),
             budget,
+            counts: ChangeCounts::default(),
+            metrics,
         }
     }
 
@@ -75,6 +86,11 @@ impl Outbox {
 
     /// Takes the item's bytes from the budget (waiting if it is spent) and queues it.
     async fn queue(&mut self, item: Item) -> Result<(), Stop> {
+        match &item {
+            Item::Row(r) => self.counts.add(r.event.context.sources.op),
+            Item::Truncate(_) => self.counts.truncate(),
+            _ => {}
+        }
         let bytes = item.budget_bytes();
         let taken = match self.budget.try_take(bytes) {
             Some(taken) => taken,
@@ -96,6 +112,10 @@ impl Outbox {
     /// Hands the queued items to the deliverer (blocks while the channel is full; a closed
     /// channel ends the wait at once).
     pub(super) async fn flush(&mut self) -> Result<(), Stop> {
+        if !self.counts.is_empty() {
+            self.metrics.changes_received(&self.counts);
+            self.counts = ChangeCounts::default();
+        }
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -184,6 +204,7 @@ impl Reader<'_> {
                         }
                         let cfg = self.replication_config(Lsn::ZERO, Lsn::ZERO).await?;
                         let exported = stream::create_slot_with_snapshot(cfg, &src.slot).await?;
+                        self.metrics.source_state(Some("full sync"), None);
                         state::begin_full_sync(
                             &self.control,
                             &self.config.name,
@@ -235,6 +256,7 @@ impl Reader<'_> {
         let mut session = session;
         session.wait_started().await.map_err(SourceError::from)?;
         tracing::info!(slot = %src.slot, from = %start, "streaming");
+        self.metrics.source_state(Some("streaming"), None);
         if once_target.is_some_and(|t| start >= t) {
             drop(self.out);
             return Ok(());
@@ -298,6 +320,7 @@ impl Reader<'_> {
             Err(e) => return Err(e.into()),
         };
         let snapshot_lsn = exported.consistent_point;
+        self.metrics.source_state(Some("full sync"), None);
         // Recorded before the snapshot's transaction begins (it is read only). The checkpoint
         // stays: a crash from here on starts the full sync again and reads the slot from it.
         let followed = self.ctx.followed();
@@ -383,7 +406,8 @@ impl Reader<'_> {
             .map_err(|e| PgError::query("starting the full sync COPY", e))?;
         let mut stream = std::pin::pin!(stream);
         let mut parser = CopyTextParser::new(query.width());
-        let mut progress = Progress::new(table.estimated_rows);
+        self.metrics.full_sync_started(table.estimated_rows);
+        let mut progress = Progress::new(table.estimated_rows, self.metrics.clone());
         let timestamp = pg_micros_to_rfc3339(crate::transform::event::now_pg_micros());
         let stamp = Stamp::new(snapshot_lsn, &timestamp);
         let mut rows: i64 = 0;

@@ -188,6 +188,7 @@ impl Deliverer {
             tx.commit()
                 .await
                 .map_err(|e| PgError::query("committing a window page", e))?;
+            self.metrics.dead_lettered(dead_letters.len() as u64);
         }
         self.stretch.unchanged -= unchanged;
         let now = now_secs();
@@ -209,6 +210,15 @@ impl Deliverer {
             next_started_at: closed_at,
         };
         state::close_window(&mut self.control, &self.pipeline, &run).await?;
+        self.metrics
+            .coalesced(u64::try_from(run.window.rows - staged).unwrap_or(0));
+        if let Some(opened) = run.window.started_at
+            && run.window.rows > 0
+        {
+            // One observation per window: from its opening to its delivery.
+            self.metrics
+                .delivered_change(opened.saturating_mul(1_000_000));
+        }
         if let Some(w) = self.window.as_mut() {
             w.staged = 0;
             w.ends_at = next_ends_at;

@@ -107,7 +107,8 @@ pub enum PgError {
     },
 }
 
-fn describe(e: &tokio_postgres::Error) -> String {
+/// A server error as its message (and detail), or the client error.
+pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
             let mut s = db.message().to_owned();

@@ -56,6 +56,17 @@ impl SinkError {
         self.recovery() != Recovery::Stop
     }
 
+    /// The `kind` label of `slotstream_destination_errors_total` (one of
+    /// [`crate::metrics::ERROR_KINDS`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkError::Io { .. } => "io",
+            SinkError::Serialize(_) => "serialize",
+            SinkError::Kafka { .. } => "kafka",
+            SinkError::GaveUp { last, .. } | SinkError::Interrupted { last } => last.kind(),
+        }
+    }
+
     /// What the pipeline does about it.
     pub fn recovery(&self) -> Recovery {
         match self {

@@ -11,6 +11,7 @@
 //! (`give_up_after`, or [`ONCE_MAX_ATTEMPTS`] for `run --once`, which must end), or until the
 //! session is asked to stop while it waits between attempts.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -18,6 +19,7 @@ use tokio::sync::watch;
 
 use super::{Batch, Recovery, Sink, SinkError, SinkFuture};
 use crate::Lsn;
+use crate::metrics::Metrics;
 use crate::postgres::state::DeadLetter;
 use crate::transform::Event;
 use crate::transform::event::{SharedStr, now_rfc3339};
@@ -121,6 +123,7 @@ pub struct Retrying<'a> {
     inner: &'a mut dyn Sink,
     policy: RetryPolicy,
     stop: watch::Receiver<bool>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<'a> Retrying<'a> {
@@ -130,7 +133,15 @@ impl<'a> Retrying<'a> {
             inner,
             policy,
             stop,
+            metrics: None,
         }
+    }
+
+    /// Counts failed attempts and retries, and reports the destination's health for
+    /// `/readyz`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -144,6 +155,12 @@ impl Sink for Retrying<'_> {
                 attempts += 1;
                 let error = match self.inner.deliver(batch).await {
                     Ok(()) => {
+                        if let Some(m) = &self.metrics {
+                            m.destination_state(None);
+                            if attempts > 1 {
+                                m.delivery_recovered();
+                            }
+                        }
                         if attempts > 1 {
                             tracing::info!(
                                 attempts,
@@ -153,8 +170,16 @@ impl Sink for Retrying<'_> {
                         }
                         return Ok(());
                     }
-                    Err(e) if e.recovery() == Recovery::RetryBatch => e,
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        if let Some(m) = &self.metrics {
+                            m.delivery_failed(e.kind());
+                            m.destination_state(Some(e.to_string()));
+                        }
+                        if e.recovery() != Recovery::RetryBatch {
+                            return Err(e);
+                        }
+                        e
+                    }
                 };
                 let elapsed = started.elapsed();
                 if self.policy.exhausted(attempts, elapsed) {

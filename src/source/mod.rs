@@ -119,7 +119,7 @@ impl SourceError {
     pub fn hint(&self) -> String {
         match self {
             SourceError::SlotMissing { .. } | SourceError::SlotUnusable { .. } => {
-                "run `slotstream resync --config FILE` and then `slotstream run`: a full sync rebuilds the destination's state and a new slot is created".into()
+                "run `slotstream resync --config FILE` and then `slotstream run`: a full sync rebuilds the destination's state and a new slot is created (with `[sync] ledger` on, `slotstream resync --changed-only` sends only the rows that differ from what was sent, plus Record Deleted for rows gone in mirror mode)".into()
             }
             SourceError::SlotBusy { pid, .. } => format!(
                 "slotstream retries until the server ends that session (wal_sender_timeout); if it does not, end it with SELECT pg_terminate_backend({pid});"

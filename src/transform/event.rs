@@ -21,7 +21,7 @@ use crate::Lsn;
 const MESSAGE_NAMESPACE: Uuid = Uuid::from_u128(0x2c9e_41d7_6f0a_4b1c_8e55_93a2_7d10_c4f8);
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// An immutable string that many events share (pipeline and table names, a transaction's LSN
 /// and commit time, a batch's `sentAt`): a clone is a reference count, not a copy. Serializes

@@ -12,6 +12,7 @@
 
 pub mod faults;
 pub mod kafka;
+pub mod prometheus;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -75,7 +76,8 @@ pub fn pg_bindir() -> PathBuf {
         .expect("no PostgreSQL server binaries: run scripts/test.sh, which installs them")
 }
 
-fn free_port() -> u16 {
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
