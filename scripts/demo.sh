@@ -50,6 +50,7 @@ export SLOTSTREAM_PG_PASSWORD="demo-$(date +%s)"
 pgt_psql -d app -v schema=public -v table=users -v user=rudder \
     -v password="$SLOTSTREAM_PG_PASSWORD" -v publication=slotstream_users_to_rudder -f sql/setup.sql
 
+metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 19187)
 cat > "$work/slotstream.toml" <<TOML
 name = "users-to-rudder"
 
@@ -73,6 +74,9 @@ frequency = "realtime"
 
 [destination]
 type = "stdout"
+
+[metrics]
+listen = "127.0.0.1:$metrics_port"
 TOML
 step "the config"
 cat "$work/slotstream.toml"
@@ -102,6 +106,12 @@ UPDATE public.users SET plan = 'enterprise' WHERE user_id = 'u_1';
 DELETE FROM public.users WHERE user_id = 'u_2';
 SQL
 wait_for_lines 5
+step "the running pipeline's /readyz and a few of its /metrics"
+curl -s "http://127.0.0.1:$metrics_port/readyz"
+curl -s "http://127.0.0.1:$metrics_port/metrics" \
+    | grep -E '^slotstream_(events_delivered_total|changes_received_total|slot_lag_bytes|source_lag_seconds|ready)[ {]' || true
+step "slotstream status while it runs"
+"$bin" status --config "$work/slotstream.toml"
 kill -TERM "$run_pid"
 wait "$run_pid" || true
 run_pid=""

@@ -34,6 +34,7 @@ use crate::decode::pgoutput::{Cell, LogicalMessage, OldTuple, RelationBody, Tupl
 use crate::decode::relation::{RelationCache, SchemaChange};
 use crate::decode::value::TypeCatalog;
 use crate::error::Error;
+use crate::metrics::ChangeCounts;
 use crate::postgres::quote_qualified;
 use crate::postgres::state::DeadLetter;
 use crate::transform::event::{EventFactory, Stamp, pg_micros_to_rfc3339, stream_message_id};
@@ -96,6 +97,9 @@ pub(super) struct ChangeMapper<'a> {
     /// The row key's columns, when coalescing or the ledger need keys (see
     /// [`Self::with_row_key`]).
     key_columns: Option<Vec<String>>,
+    /// Changes of the followed table mapped since [`Self::take_counts`], by operation (an
+    /// ignored delete or TRUNCATE counts: it was read).
+    counts: ChangeCounts,
 }
 
 impl<'a> ChangeMapper<'a> {
@@ -112,7 +116,14 @@ impl<'a> ChangeMapper<'a> {
             reported_missing: Vec::new(),
             txn: None,
             key_columns: None,
+            counts: ChangeCounts::default(),
         }
+    }
+
+    /// The changes of the followed table counted since the last call (for the metrics, taken
+    /// once per transaction).
+    pub(super) fn take_counts(&mut self) -> ChangeCounts {
+        std::mem::take(&mut self.counts)
     }
 
     /// Gives every row change its key (the table's [`crate::postgres::catalog::Table::row_key_columns`]),
@@ -261,6 +272,7 @@ impl<'a> ChangeMapper<'a> {
                 if !rel_ids.contains(&self.table_oid) {
                     return Ok(Mapped::Skip);
                 }
+                self.counts.truncate();
                 let lsn = self.txn.as_ref().map(|t| t.commit_lsn).unwrap_or(Lsn::ZERO);
                 let delete_all = self.config.sync_mode == SyncMode::Mirror
                     && self.config.on_truncate == OnTruncate::DeleteAll;
@@ -295,6 +307,7 @@ impl<'a> ChangeMapper<'a> {
             return Err(crate::decode::DecodeError::UnknownRelation { rel_id }.into());
         };
         txn.rows += 1;
+        self.counts.add(op);
         let key = ours
             .key_positions
             .as_deref()

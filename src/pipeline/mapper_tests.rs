@@ -208,6 +208,12 @@ fn deletes_follow_the_sync_mode() {
     let mut h = Harness::new(&upsert, &f);
     h.map(users(OID)).unwrap();
     assert!(h.map(delete()).unwrap().is_none());
+    assert_eq!(
+        h.mapper.take_counts().0,
+        [0, 0, 1, 0],
+        "an ignored delete was read all the same (the metrics count it)"
+    );
+    assert!(h.mapper.take_counts().is_empty(), "taken once");
     match h.mapper.commit(Lsn::from(0x180)) {
         Item::Commit { rows, .. } => assert_eq!(rows, 1, "an ignored delete still counts"),
         other => panic!("{other:?}"),

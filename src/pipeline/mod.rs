@@ -57,7 +57,7 @@ use crate::decode::value::TypeCatalog;
 use crate::error::{Error, Recovery};
 use crate::metrics::monitor::Monitor;
 use crate::metrics::server::MetricsServer;
-use crate::metrics::{ChangeCounts, Metrics};
+use crate::metrics::Metrics;
 use crate::postgres::lock::{LockWatch, PipelineLock};
 use crate::postgres::preflight::Verifier;
 use crate::postgres::state::{self, CheckpointCommit, DeadLetter, FullSyncState};
@@ -738,7 +738,7 @@ async fn run_session(
         config,
         control,
         ctx,
-        out: Outbox::new(tx, budget, metrics.clone()),
+        out: Outbox::new(tx, budget),
         replication_events: plan.replication_events,
         ack_rx,
         shutdown,

@@ -47,23 +47,14 @@ pub(super) struct Outbox {
     /// with the bytes it took from the budget.
     pub(super) pending: Chunk,
     budget: Arc<MemoryBudget>,
-    /// Changes queued since the last hand-over, reported to the metrics with it.
-    counts: ChangeCounts,
-    metrics: Arc<Metrics>,
 }
 
 impl Outbox {
-    pub(super) fn new(
-        tx: mpsc::Sender<Chunk>,
-        budget: Arc<MemoryBudget>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub(super) fn new(tx: mpsc::Sender<Chunk>, budget: Arc<MemoryBudget>) -> Self {
         Outbox {
             tx,
             pending: Vec::with_capacity(CHUNK_ITEMS),
             budget,
-            counts: ChangeCounts::default(),
-            metrics,
         }
     }
 
@@ -86,11 +77,6 @@ impl Outbox {
 
     /// Takes the item's bytes from the budget (waiting if it is spent) and queues it.
     async fn queue(&mut self, item: Item) -> Result<(), Stop> {
-        match &item {
-            Item::Row(r) => self.counts.add(r.event.context.sources.op),
-            Item::Truncate(_) => self.counts.truncate(),
-            _ => {}
-        }
         let bytes = item.budget_bytes();
         let taken = match self.budget.try_take(bytes) {
             Some(taken) => taken,
@@ -112,10 +98,6 @@ impl Outbox {
     /// Hands the queued items to the deliverer (blocks while the channel is full; a closed
     /// channel ends the wait at once).
     pub(super) async fn flush(&mut self) -> Result<(), Stop> {
-        if !self.counts.is_empty() {
-            self.metrics.changes_received(&self.counts);
-            self.counts = ChangeCounts::default();
-        }
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -564,6 +546,10 @@ impl Reader<'_> {
                     mapper.begin(final_lsn, commit_time_micros);
                 }
                 ReplicationEvent::Commit { end_lsn, .. } => {
+                    let counts = mapper.take_counts();
+                    if !counts.is_empty() {
+                        self.metrics.changes_received(&counts);
+                    }
                     let item = mapper.commit(end_lsn);
                     if let Err(stop) = self.out.send_now(item).await {
                         return Ok(stop);
