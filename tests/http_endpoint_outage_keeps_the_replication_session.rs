@@ -108,7 +108,10 @@ async fn a_60s_endpoint_outage_is_ridden_out_on_one_replication_connection() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let failed = rx.posts().iter().filter(|r| !r.accepted()).count();
-    assert!(failed >= 5, "only {failed} failed requests during the outage");
+    assert!(
+        failed >= 5,
+        "only {failed} failed requests during the outage"
+    );
     assert!(
         fx.run_log().contains("retrying the batch"),
         "{}",
@@ -134,7 +137,8 @@ async fn a_60s_endpoint_outage_is_ridden_out_on_one_replication_connection() {
     assert_eq!(users, want, "lost or extra events\n{}", fx.run_log());
     let mut ids: HashMap<&str, usize> = HashMap::new();
     for e in &delivered {
-        *ids.entry(e["messageId"].as_str().expect("messageId")).or_default() += 1;
+        *ids.entry(e["messageId"].as_str().expect("messageId"))
+            .or_default() += 1;
     }
     assert!(
         ids.values().all(|n| *n == 1),
@@ -154,7 +158,10 @@ async fn a_60s_endpoint_outage_is_ridden_out_on_one_replication_connection() {
     assert_eq!(walsender(&c, &fx.slot).await, Some(pid), "{}", fx.run_log());
     let log = fx.run_log();
     assert!(log.contains("delivery recovered"), "{log}");
-    assert!(!log.contains("pipeline failed"), "no session was restarted\n{log}");
+    assert!(
+        !log.contains("pipeline failed"),
+        "no session was restarted\n{log}"
+    );
     support::sigterm(&run);
     let status = faults::wait_exit(&mut run, Duration::from_secs(30)).await;
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", fx.run_log());

@@ -102,8 +102,13 @@ async fn rudderstack_requests_are_authenticated_split_at_both_limits_and_in_orde
         dead[0].1
     );
     assert!(
-        !String::from_utf8_lossy(&posts.iter().flat_map(|r| r.body.clone()).collect::<Vec<u8>>())
-            .contains("\"big\""),
+        !String::from_utf8_lossy(
+            &posts
+                .iter()
+                .flat_map(|r| r.body.clone())
+                .collect::<Vec<u8>>()
+        )
+        .contains("\"big\""),
         "the oversized event was sent"
     );
 }
@@ -115,7 +120,10 @@ async fn gzip_bodies_carry_the_same_batches() {
     let key = http::secret_file(&fx, "write_key", WRITE_KEY);
     http::use_http_destination(
         &fx,
-        &format!("url = \"{}\"\nwrite_key_file = {key}\ngzip = true", rx.url()),
+        &format!(
+            "url = \"{}\"\nwrite_key_file = {key}\ngzip = true",
+            rx.url()
+        ),
     );
     let c = fx.db.connect().await;
     c.batch_execute(

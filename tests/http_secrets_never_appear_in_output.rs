@@ -38,8 +38,14 @@ async fn no_command_prints_a_secret() {
         "[destination]\ntype = \"http\"\nurl = \"{}\"\nwrite_key_env = \"SLOTSTREAM_TEST_WRITE_KEY\"\n[destination.retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"100ms\"\n",
         rx.url()
     );
-    fx.db
-        .write_config(fx.dir.path(), &fx.name, &fx.role, DB_PASSWORD, "users", &rudderstack);
+    fx.db.write_config(
+        fx.dir.path(),
+        &fx.name,
+        &fx.role,
+        DB_PASSWORD,
+        "users",
+        &rudderstack,
+    );
     let env = [
         ("SLOTSTREAM_TEST_WRITE_KEY", WRITE_KEY),
         ("SLOTSTREAM_TEST_HOOK_TOKEN", TOKEN),
@@ -75,8 +81,14 @@ async fn no_command_prints_a_secret() {
         "[destination]\ntype = \"http\"\nurl = \"{}\"\nformat = \"webhook\"\nhmac_secret_env = \"SLOTSTREAM_TEST_HMAC\"\n[destination.headers]\nAuthorization = {{ env = \"SLOTSTREAM_TEST_HOOK_TOKEN\" }}\n",
         rx.url()
     );
-    fx.db
-        .write_config(fx.dir.path(), &fx.name, &fx.role, DB_PASSWORD, "users", &webhook);
+    fx.db.write_config(
+        fx.dir.path(),
+        &fx.name,
+        &fx.role,
+        DB_PASSWORD,
+        "users",
+        &webhook,
+    );
     let env = [
         ("SLOTSTREAM_TEST_HMAC", HMAC_SECRET),
         ("SLOTSTREAM_TEST_HOOK_TOKEN", TOKEN),
@@ -97,10 +109,13 @@ async fn no_command_prints_a_secret() {
     }
     // The secrets did reach the endpoint, where they belong.
     let posts = rx.posts();
-    assert!(posts.iter().any(|r| r
-        .header("authorization")
-        .is_some_and(|a| a.contains(&http::base64(format!("{WRITE_KEY}:").as_bytes())))));
-    assert!(posts
-        .iter()
-        .any(|r| r.header("authorization") == Some(TOKEN)));
+    assert!(posts.iter().any(|r| {
+        r.header("authorization")
+            .is_some_and(|a| a.contains(&http::base64(format!("{WRITE_KEY}:").as_bytes())))
+    }));
+    assert!(
+        posts
+            .iter()
+            .any(|r| r.header("authorization") == Some(TOKEN))
+    );
 }

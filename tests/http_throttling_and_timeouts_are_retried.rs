@@ -28,7 +28,10 @@ async fn retry_after_is_honoured_and_a_hang_past_the_timeout_is_retried() {
     )
     .await
     .unwrap();
-    rx.fail_next([Fault::TooManyRequests(2), Fault::Hang(Duration::from_secs(5))]);
+    rx.fail_next([
+        Fault::TooManyRequests(2),
+        Fault::Hang(Duration::from_secs(5)),
+    ]);
     fx.run_once();
     c.batch_execute(
         "INSERT INTO users (user_id, plan) SELECT 'k' || g, 'free' FROM generate_series(1, 5) g",

@@ -358,13 +358,16 @@ async fn handle(
 
 /// Whether `request`'s signature header (`x-slotstream-signature`) matches its body.
 pub fn signature_matches(secret: &str, request: &Recorded) -> bool {
-    verify(secret, request.header("x-slotstream-signature"), &request.body)
+    verify(
+        secret,
+        request.header("x-slotstream-signature"),
+        &request.body,
+    )
 }
 
 /// Standard base64 of `input` (for the expected Basic auth header).
 pub fn base64(input: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in input.chunks(3) {
         let b = [
@@ -417,11 +420,6 @@ pub async fn dead_letters(fx: &super::Fixture) -> Vec<(String, String)> {
         .await
         .expect("dead letters")
         .iter()
-        .map(|r| {
-            (
-                r.get::<_, Option<String>>(0).unwrap_or_default(),
-                r.get(1),
-            )
-        })
+        .map(|r| (r.get::<_, Option<String>>(0).unwrap_or_default(), r.get(1)))
         .collect()
 }

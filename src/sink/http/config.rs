@@ -324,9 +324,8 @@ impl RawHttpConfig {
                 let mut headers = Vec::new();
                 for (name, value) in self.headers {
                     let key = format!("headers.{name:?}");
-                    let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                        invalid(&key, "is not a valid header name")
-                    })?;
+                    let header = HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| invalid(&key, "is not a valid header name"))?;
                     if OWNED_HEADERS.contains(&header.as_str())
                         || signature.as_ref().is_some_and(|s| s.header == header)
                     {
@@ -509,22 +508,37 @@ mod tests {
         assert_eq!(signature.header.as_str(), "x-slotstream-signature");
         assert_eq!(signature.secret.expose_secret(), "hmac-secret-2");
         let debug = format!("{c:?}");
-        assert!(!debug.contains("tok-3") && !debug.contains("hmac-secret-2"), "{debug}");
+        assert!(
+            !debug.contains("tok-3") && !debug.contains("hmac-secret-2"),
+            "{debug}"
+        );
     }
 
     #[test]
     fn bad_values_name_their_key() {
         for (text, key) in [
             ("write_key_env = \"WRITE_KEY\"", "destination.url"),
-            ("url = \"ftp://h\"\nwrite_key_env = \"WRITE_KEY\"", "destination.url"),
-            ("url = \"not a url\"\nwrite_key_env = \"WRITE_KEY\"", "destination.url"),
-            ("url = \"https://u:p@h\"\nwrite_key_env = \"WRITE_KEY\"", "destination.url"),
+            (
+                "url = \"ftp://h\"\nwrite_key_env = \"WRITE_KEY\"",
+                "destination.url",
+            ),
+            (
+                "url = \"not a url\"\nwrite_key_env = \"WRITE_KEY\"",
+                "destination.url",
+            ),
+            (
+                "url = \"https://u:p@h\"\nwrite_key_env = \"WRITE_KEY\"",
+                "destination.url",
+            ),
             ("url = \"https://h\"", "destination.write_key_env"),
             (
                 "url = \"https://h\"\nwrite_key_env = \"WRITE_KEY\"\nwrite_key_file = \"/etc/hostname\"",
                 "destination.write_key_env",
             ),
-            ("url = \"https://h\"\nwrite_key_env = \"UNSET\"", "destination.write_key_env"),
+            (
+                "url = \"https://h\"\nwrite_key_env = \"UNSET\"",
+                "destination.write_key_env",
+            ),
             (
                 "url = \"https://h\"\nwrite_key_file = \"/nonexistent/key\"",
                 "destination.write_key_file",
@@ -561,7 +575,10 @@ mod tests {
                 "url = \"https://h\"\nformat = \"webhook\"\n[headers]\nX-A = { env = \"UNSET\" }",
                 "destination.headers.\"X-A\"",
             ),
-            ("url = \"https://h\"\nformat = \"segment\"", "destination.format"),
+            (
+                "url = \"https://h\"\nformat = \"segment\"",
+                "destination.format",
+            ),
             (
                 "url = \"https://h\"\nformat = \"webhook\"\ntimeout = \"soon\"",
                 "destination.timeout",
@@ -603,8 +620,9 @@ mod tests {
             assert_eq!(err.0, key, "{text}: {err:?}");
         }
         // Unknown keys are refused by name.
-        let err = parse("url = \"https://h\"\nwrite_key_env = \"WRITE_KEY\"\ncompression = \"gzip\"")
-            .expect_err("unknown");
+        let err =
+            parse("url = \"https://h\"\nwrite_key_env = \"WRITE_KEY\"\ncompression = \"gzip\"")
+                .expect_err("unknown");
         assert!(err.1.contains("compression"), "{err:?}");
     }
 

@@ -35,12 +35,7 @@ impl Encoded {
 /// Encodes the events for which `send(i)` holds, as `format` wants them: the RudderStack format
 /// also carries an identify's traits in `context.traits` (RudderStack's event spec), the webhook
 /// format carries the events as the other destinations write them.
-pub fn encode(
-    format: &Format,
-    events: &[Event],
-    send: impl Fn(usize) -> bool,
-    into: &mut Encoded,
-) {
+pub fn encode(format: &Format, events: &[Event], send: impl Fn(usize) -> bool, into: &mut Encoded) {
     into.buf.clear();
     into.ranges.clear();
     for (i, event) in events.iter().enumerate() {
@@ -211,7 +206,10 @@ mod tests {
             assert!(body(&rudderstack(), &enc, request, "2024-01-02T03:04:06Z").len() <= limit);
         }
         assert_eq!(pack(&enc, &all, env, limit - 1).len(), 5);
-        assert_eq!(pack(&enc, &all, env, usize::MAX), [all.clone()]);
+        assert_eq!(
+            pack(&enc, &all, env, usize::MAX),
+            std::slice::from_ref(&all)
+        );
         assert_eq!(pack(&enc, &[], env, limit), Vec::<Vec<usize>>::new());
     }
 

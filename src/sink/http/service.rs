@@ -147,9 +147,8 @@ impl Service {
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(2);
         if let Some(ca) = &config.tls.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| {
-                tls_error("reading ca_file", format!("{}: {e}", ca.display()))
-            })?;
+            let pem = std::fs::read(ca)
+                .map_err(|e| tls_error("reading ca_file", format!("{}: {e}", ca.display())))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| tls_error("reading ca_file", describe_error(e)))?;
             if certs.is_empty() {
@@ -165,7 +164,10 @@ impl Service {
         }
         if let Some((cert, key)) = &config.tls.client_cert {
             let mut pem = std::fs::read(cert).map_err(|e| {
-                tls_error("reading client_cert_file", format!("{}: {e}", cert.display()))
+                tls_error(
+                    "reading client_cert_file",
+                    format!("{}: {e}", cert.display()),
+                )
             })?;
             pem.push(b'\n');
             pem.extend(std::fs::read(key).map_err(|e| {
@@ -253,12 +255,8 @@ impl Service {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let verdict = classify(status);
-        let answer = match read_answer(response).await {
-            Ok(body) => body,
-            // The status is what counts; a body cut short only shortens the excerpt, unless
-            // the events were accepted: then the body does not matter at all.
-            Err(_) => Vec::new(),
-        };
+        // The status is what counts: an answer's body cut short only shortens the excerpt.
+        let answer = read_answer(response).await.unwrap_or_default();
         let excerpt = excerpt(&answer);
         match verdict {
             Verdict::Accepted => Ok(Answer::Accepted),
