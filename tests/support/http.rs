@@ -18,6 +18,8 @@ use hyper_util::rt::TokioIo;
 /// What the server does with a POST.
 #[derive(Debug, Clone)]
 pub enum Fault {
+    /// No fault: answer as usual (to fail a later request of a sequence).
+    Pass,
     /// Answer with this status (and a short text body).
     Status(u16),
     /// 429 with `Retry-After: <seconds>`.
@@ -331,7 +333,7 @@ async fn handle(
         }
     };
     let response = match fault {
-        None => Ok(respond(200, "OK")),
+        None | Some(Fault::Pass) => Ok(respond(200, "OK")),
         Some(Fault::Status(413)) => Ok(respond(413, "Request size too large")),
         Some(Fault::Status(status)) => Ok(respond(status, &format!("test receiver says {status}"))),
         Some(Fault::TooManyRequests(seconds)) => {
