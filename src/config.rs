@@ -1139,8 +1139,26 @@ type = "stdout"
             &MINIMAL.replace("type = \"stdout\"", "type = \"http\""),
             &[],
         )
-        .expect_err("http");
-        assert!(err.to_string().contains("does not ship yet"), "{err}");
+        .expect_err("http without url");
+        assert!(err.to_string().contains("destination.url"), "{err}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("write_key");
+        std::fs::write(&key, "write-key-value\n").expect("write key");
+        let http = MINIMAL.replace(
+            "type = \"stdout\"",
+            &format!(
+                "type = \"http\"\nurl = \"https://dp.example.com\"\nwrite_key_file = {:?}",
+                key.display().to_string()
+            ),
+        );
+        let c = parse(&http, &[]).expect("http");
+        match &c.destination {
+            DestinationConfig::Http(h) => {
+                assert_eq!(h.endpoint.as_str(), "https://dp.example.com/v1/batch");
+                assert!(!format!("{c:?}").contains("write-key-value"));
+            }
+            other => panic!("{other:?}"),
+        }
         let kafka = MINIMAL.replace(
             "type = \"stdout\"",
             "type = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\ntopic = \"users\"\ntombstones = true\n[destination.retry]\ngive_up_after = \"5m\"",

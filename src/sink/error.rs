@@ -30,6 +30,21 @@ pub enum SinkError {
         /// What the operator should do.
         hint: String,
     },
+    /// The HTTP endpoint failed or refused a request for a reason that is not the request's
+    /// events (a connection error, a timeout, 408, 429, 5xx; a bad write key).
+    #[error("http {what}: {message}")]
+    Http {
+        /// What was being done (`POST to https://dp.example.com`).
+        what: String,
+        /// The reason: the client's error, or the status and an excerpt of the answer.
+        message: String,
+        /// What the pipeline does about it.
+        recovery: Recovery,
+        /// What the operator should do.
+        hint: String,
+        /// How long the server asked the client to wait (`Retry-After`).
+        retry_after: Option<Duration>,
+    },
     /// A batch kept failing until the retry budget (`[destination.retry] give_up_after`, or
     /// the attempts of `run --once`) ran out.
     #[error("gave up after {attempts} attempts over {}: {last}", humantime::format_duration(*.elapsed))]
@@ -63,6 +78,7 @@ impl SinkError {
             SinkError::Io { .. } => "io",
             SinkError::Serialize(_) => "serialize",
             SinkError::Kafka { .. } => "kafka",
+            SinkError::Http { .. } => "http",
             SinkError::GaveUp { last, .. } | SinkError::Interrupted { last } => last.kind(),
         }
     }
@@ -82,7 +98,16 @@ impl SinkError {
             SinkError::Serialize(_) | SinkError::Kafka { .. } | SinkError::GaveUp { .. } => {
                 Recovery::Stop
             }
+            SinkError::Http { recovery, .. } => *recovery,
             SinkError::Interrupted { .. } => Recovery::Reconnect,
+        }
+    }
+
+    /// How long the destination asked to wait before the next attempt (an HTTP `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            SinkError::Http { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 
@@ -93,7 +118,7 @@ impl SinkError {
                 "check the destination path, its permissions and free disk space; nothing past the last checkpoint was acknowledged".into()
             }
             SinkError::Serialize(_) => "this is a bug: report it with the message above".into(),
-            SinkError::Kafka { hint, .. } => hint.clone(),
+            SinkError::Kafka { hint, .. } | SinkError::Http { hint, .. } => hint.clone(),
             SinkError::GaveUp { last, .. } => format!(
                 "{}; slotstream resumes at the checkpoint when started again (raise [destination.retry] give_up_after to ride out longer outages)",
                 last.hint()

@@ -20,6 +20,17 @@ pub fn write_lines(events: &[Event], out: &mut Vec<u8>) {
 
 /// Appends `event` as one JSON object (no newline).
 pub fn write_event(out: &mut Vec<u8>, event: &Event) {
+    write(out, event, false);
+}
+
+/// Appends `event` as one JSON object (no newline), an identify's traits also under
+/// `context.traits`, where RudderStack's event spec and its SDKs put them (the HTTP
+/// destination's `rudderstack` format). Everything else as [`write_event`] writes it.
+pub fn write_event_with_context_traits(out: &mut Vec<u8>, event: &Event) {
+    write(out, event, true);
+}
+
+fn write(out: &mut Vec<u8>, event: &Event, context_traits: bool) {
     // Destructured, so that a field added to `Event` fails to compile here until it is written.
     let Event {
         kind,
@@ -75,7 +86,13 @@ pub fn write_event(out: &mut Vec<u8>, event: &Event) {
         out.extend_from_slice(b",\"properties\":");
         write_object(out, properties.iter().map(|(k, v)| (k.as_str(), v)));
     }
-    out.extend_from_slice(b",\"context\":{\"library\":{\"name\":");
+    out.extend_from_slice(b",\"context\":{");
+    if let (true, Some(traits)) = (context_traits, traits) {
+        out.extend_from_slice(b"\"traits\":");
+        write_object(out, traits.iter());
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"library\":{\"name\":");
     write_str(out, library_name);
     out.extend_from_slice(b",\"version\":");
     write_str(out, version);

@@ -1,4 +1,4 @@
-//! Destinations, one folder each (`stdout/`, `file/`, `kafka/`): its config (the keys of
+//! Destinations, one folder each (`stdout/`, `file/`, `kafka/`, `http/`): its config (the keys of
 //! `[destination]` for that `type`), its encoding, and its delivery. The encoding of an event
 //! is shared ([`json`]) and stamps nothing; `sentAt` is set by the delivery step ([`retry`])
 //! before each attempt.
@@ -15,6 +15,7 @@
 //! as the order allows.
 
 pub mod file;
+pub mod http;
 pub mod json;
 pub mod kafka;
 pub mod retry;
@@ -42,8 +43,8 @@ pub enum RawDestination {
     File(file::RawFileConfig),
     /// `type = "kafka"`.
     Kafka(Box<kafka::RawKafkaConfig>),
-    /// `type = "http"`: not built yet, refused with a clear message.
-    Http(toml::Table),
+    /// `type = "http"`.
+    Http(Box<http::RawHttpConfig>),
 }
 
 impl RawDestination {
@@ -56,10 +57,7 @@ impl RawDestination {
             RawDestination::Stdout(c) => Ok(DestinationConfig::Stdout(c.validate()?)),
             RawDestination::File(c) => Ok(DestinationConfig::File(c.validate()?)),
             RawDestination::Kafka(c) => Ok(DestinationConfig::Kafka(Box::new(c.validate(getenv)?))),
-            RawDestination::Http(_) => Err((
-                "destination.type".into(),
-                "is \"http\", which this version of slotstream does not ship yet; use \"kafka\", \"file\" or \"stdout\"".into(),
-            )),
+            RawDestination::Http(c) => Ok(DestinationConfig::Http(Box::new(c.validate(getenv)?))),
         }
     }
 }
@@ -73,6 +71,8 @@ pub enum DestinationConfig {
     File(file::FileConfig),
     /// One record per event in a Kafka topic.
     Kafka(Box<kafka::KafkaConfig>),
+    /// Events POSTed to an HTTP endpoint: RudderStack's HTTP API or a webhook.
+    Http(Box<http::HttpConfig>),
 }
 
 impl DestinationConfig {
@@ -82,6 +82,7 @@ impl DestinationConfig {
             DestinationConfig::Stdout(c) => &c.retry,
             DestinationConfig::File(c) => &c.retry,
             DestinationConfig::Kafka(c) => &c.retry,
+            DestinationConfig::Http(c) => &c.retry,
         }
     }
 }
@@ -160,6 +161,7 @@ pub fn build(config: &DestinationConfig) -> Result<Box<dyn Sink>, SinkError> {
         DestinationConfig::Stdout(_) => Ok(Box::new(stdout::StdoutSink::new())),
         DestinationConfig::File(c) => Ok(Box::new(file::FileSink::open(c.path.clone(), c.fsync)?)),
         DestinationConfig::Kafka(c) => Ok(Box::new(kafka::KafkaSink::new(c)?)),
+        DestinationConfig::Http(c) => Ok(Box::new(http::HttpSink::new(c)?)),
     }
 }
 

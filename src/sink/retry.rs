@@ -9,7 +9,8 @@
 //!
 //! A batch is retried until it is delivered, until the retry budget runs out
 //! (`give_up_after`, or [`ONCE_MAX_ATTEMPTS`] for `run --once`, which must end), or until the
-//! session is asked to stop while it waits between attempts.
+//! session is asked to stop while it waits between attempts. A destination that asks for a
+//! longer pause (an HTTP `Retry-After`) gets it, up to [`RETRY_AFTER_CAP`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +28,10 @@ use crate::transform::event::{SharedStr, now_rfc3339};
 /// Attempts per batch in `run --once`: a one-shot job (cron, CI) must end and report a lasting
 /// failure instead of retrying forever; a brief blip is still ridden out.
 pub const ONCE_MAX_ATTEMPTS: u32 = 4;
+
+/// The longest wait a destination may ask for (an HTTP `Retry-After`): a longer one is cut to
+/// this, so that a wrong header cannot stall the pipeline for hours.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(600);
 
 /// How a failed delivery is retried: `[destination.retry]` as written.
 #[derive(Debug, Default, Deserialize)]
@@ -192,7 +197,8 @@ impl Sink for Retrying<'_> {
                 let wait = self
                     .policy
                     .backoff(attempts)
-                    .mul_f64(rand::random_range(0.5..1.5));
+                    .mul_f64(rand::random_range(0.5..1.5))
+                    .max(error.retry_after().unwrap_or_default().min(RETRY_AFTER_CAP));
                 tracing::warn!(
                     error = %error,
                     attempt = attempts,

@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod http;
 pub mod kafka;
 pub mod prometheus;
 
@@ -446,10 +447,16 @@ pub fn slotstream_bin() -> PathBuf {
 
 /// Runs `slotstream <args>` to completion, returning (exit code, stdout, stderr).
 pub fn run_slotstream(args: &[&str]) -> (i32, String, String) {
+    run_slotstream_with_env(args, &[])
+}
+
+/// [`run_slotstream`] with extra environment variables (which may override `RUST_LOG`).
+pub fn run_slotstream_with_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(slotstream_bin())
         .args(args)
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .expect("run slotstream");
     (
@@ -703,6 +710,19 @@ impl Fixture {
         let mut all = vec![command, "--config", config.as_str()];
         all.extend_from_slice(args);
         run_slotstream(&all)
+    }
+
+    /// [`Fixture::slotstream`] with extra environment variables.
+    pub fn slotstream_with_env(
+        &self,
+        command: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (i32, String, String) {
+        let config = self.config.display().to_string();
+        let mut all = vec![command, "--config", config.as_str()];
+        all.extend_from_slice(args);
+        run_slotstream_with_env(&all, env)
     }
 
     /// `slotstream run --once`, asserting exit 0.
