@@ -21,6 +21,8 @@
 #                       alternating; printed: every round, the ratio of the best rounds, and
 #                       the median of the per-round ratios (on a shared machine the spread
 #                       shows the noise; the median of adjacent pairs is the steadier figure)
+#   LEDGER=true         sync.ledger of the pipelines (the default; false: no ledger writes, one
+#                       row written per delivered row key otherwise)
 #   METRICS=1           serve [metrics] on a local port and scrape /metrics every second
 #                       during the timed runs (the slot's watch polls either way); compare
 #                       against a build from before the metrics with SLOTSTREAM_BIN
@@ -46,6 +48,7 @@ FSYNC="${FSYNC:-true}"
 ROUNDS="${ROUNDS:-3}"
 TRANSPORT="${TRANSPORT:-tcp}"
 METRICS="${METRICS:-}"
+LEDGER="${LEDGER:-true}"
 metrics_port() { echo $((19100 + $1)); }
 
 say() { printf '== %s\n' "$*" >&2; }
@@ -113,6 +116,9 @@ publication = "$pub"
 [schedule]
 frequency = "realtime"
 max_batch_events = $BATCH_EVENTS
+
+[sync]
+ledger = $LEDGER
 
 [destination]
 type = "file"
@@ -241,8 +247,8 @@ printf '\nstream benchmark: %d changes (%d inserts, %d updates; %d-row transacti
 printf 'machine: %s, %s CPUs, %s\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
     "$(nproc)" "$("$PGT_BIN/postgres" --version)"
 printf 'load average: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
-printf 'slotstream config: max_batch_events=%s fsync=%s (file sink); both readers over %s; metrics endpoint %s\n' \
-    "$BATCH_EVENTS" "$FSYNC" "$TRANSPORT" "$([[ -n "$METRICS" ]] && echo "on, scraped every second" || echo off)"
+printf 'slotstream config: max_batch_events=%s fsync=%s ledger=%s (file sink); both readers over %s; metrics endpoint %s\n' \
+    "$BATCH_EVENTS" "$FSYNC" "$LEDGER" "$TRANSPORT" "$([[ -n "$METRICS" ]] && echo "on, scraped every second" || echo off)"
 printf 'rounds (s): pg_recvlogical %s | slotstream %s\n' "${recv_times[*]}" "${slot_times[*]}"
 printf 'CPU (s) per round: slotstream user+sys %s | server backends while pg_recvlogical read %s, while slotstream read %s\n' \
     "${cpu_times[*]}" "${recv_server[*]}" "${slot_server[*]}"
