@@ -47,22 +47,7 @@ receiver_pid=$!
 until [[ -s "$work/receiver.port" ]]; do sleep 0.05; done
 hport="$(head -n 1 "$work/receiver.port")"
 
-pgt_psql -d postgres -c "CREATE DATABASE app"
-pgt_psql -d app <<'SQL'
-CREATE TABLE public.users (
-    id         bigserial PRIMARY KEY,
-    user_id    text,
-    email      text,
-    name       text,
-    plan       text,
-    age        integer,
-    balance    numeric(12,2),
-    verified   boolean,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz
-);
-SQL
-bench_publish
+bench_users_table
 export SLOTSTREAM_BENCH_WRITE_KEY="bench-write-key"
 
 # name, kind (file | http)

@@ -69,22 +69,7 @@ kport="$(free_port)"
 tansu_pid=$!
 until (exec 3<>"/dev/tcp/127.0.0.1/$kport") 2>/dev/null; do sleep 0.05; done
 
-pgt_psql -d postgres -c "CREATE DATABASE app"
-pgt_psql -d app <<'SQL'
-CREATE TABLE public.users (
-    id         bigserial PRIMARY KEY,
-    user_id    text,
-    email      text,
-    name       text,
-    plan       text,
-    age        integer,
-    balance    numeric(12,2),
-    verified   boolean,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz
-);
-SQL
-bench_publish
+bench_users_table
 
 # name, topic, max_batch_events, max_batch_delay
 write_config() {

@@ -48,6 +48,27 @@ bench_publish() {
         -v password="$SLOTSTREAM_PG_PASSWORD" -v publication="$pub" -f sql/setup.sql >/dev/null
 }
 
+# Database `app` with the 10-column public.users table of the destination benchmarks, published
+# (bench_publish).
+bench_users_table() {
+    pgt_psql -d postgres -c "CREATE DATABASE app"
+    pgt_psql -d app <<'SQL'
+CREATE TABLE public.users (
+    id         bigserial PRIMARY KEY,
+    user_id    text,
+    email      text,
+    name       text,
+    plan       text,
+    age        integer,
+    balance    numeric(12,2),
+    verified   boolean,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz
+);
+SQL
+    bench_publish
+}
+
 # The [source] section of a bench pipeline's config (after bench_publish), on stdout.
 bench_source_toml() {
     cat <<TOML

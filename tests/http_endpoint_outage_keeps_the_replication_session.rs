@@ -14,18 +14,6 @@ use std::time::{Duration, Instant};
 
 const OUTAGE: Duration = Duration::from_secs(60);
 
-async fn walsender(c: &tokio_postgres::Client, slot: &str) -> Option<i32> {
-    c.query_one(
-        "SELECT s.active_pid FROM pg_replication_slots s
-           JOIN pg_stat_replication r ON r.pid = s.active_pid
-          WHERE s.slot_name = $1",
-        &[&slot],
-    )
-    .await
-    .ok()
-    .and_then(|r| r.get::<_, Option<i32>>(0))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_60s_endpoint_outage_is_ridden_out_on_one_replication_connection() {
     let rx = Receiver::start().await;
@@ -52,10 +40,10 @@ async fn a_60s_endpoint_outage_is_ridden_out_on_one_replication_connection() {
     support::wait_until(
         Duration::from_secs(30),
         "a walsender for the slot",
-        || async { walsender(&c, &fx.slot).await.is_some() },
+        || async { faults::walsender(&c, &fx.slot).await.is_some() },
     )
     .await;
-    let pid = walsender(&c, &fx.slot).await.expect("walsender");
+    let pid = faults::walsender(&c, &fx.slot).await.expect("walsender");
 
     // Before the outage: delivered and checkpointed.
     c.batch_execute(
@@ -99,7 +87,7 @@ async fn a_60s_endpoint_outage_is_ridden_out_on_one_replication_connection() {
             fx.run_log()
         );
         assert_eq!(
-            walsender(&c, &fx.slot).await,
+            faults::walsender(&c, &fx.slot).await,
             Some(pid),
             "the replication connection was not kept through the outage\n{}",
             fx.run_log()
@@ -155,7 +143,12 @@ async fn a_60s_endpoint_outage_is_ridden_out_on_one_replication_connection() {
         || async { fx.positions().await.0.is_some_and(|p| p > during) },
     )
     .await;
-    assert_eq!(walsender(&c, &fx.slot).await, Some(pid), "{}", fx.run_log());
+    assert_eq!(
+        faults::walsender(&c, &fx.slot).await,
+        Some(pid),
+        "{}",
+        fx.run_log()
+    );
     let log = fx.run_log();
     assert!(log.contains("delivery recovered"), "{log}");
     assert!(

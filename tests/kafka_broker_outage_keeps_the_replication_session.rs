@@ -8,41 +8,13 @@
 
 use crate::support;
 use crate::support::faults::{self, Running};
-use crate::support::kafka::{Broker, TopicReader};
+use crate::support::kafka::{self, Broker, TopicReader};
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-
 const TOPIC: &str = "users_outage";
 const OUTAGE: Duration = Duration::from_secs(30);
-
-async fn walsender(c: &tokio_postgres::Client, slot: &str) -> Option<i32> {
-    c.query_one(
-        "SELECT s.active_pid FROM pg_replication_slots s
-           JOIN pg_stat_replication r ON r.pid = s.active_pid
-          WHERE s.slot_name = $1",
-        &[&slot],
-    )
-    .await
-    .ok()
-    .and_then(|r| r.get::<_, Option<i32>>(0))
-}
-
-async fn create_topic(address: &str) {
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", address)
-        .create()
-        .expect("admin client");
-    let topic = NewTopic::new(TOPIC, 1, TopicReplication::Fixed(1));
-    // Already there (the broker creates topics itself) is fine.
-    let _ = admin
-        .create_topics([&topic], &AdminOptions::new())
-        .await
-        .expect("create topic");
-}
 
 /// The latest commit LSN among `records` (their `lsn` headers).
 fn last_commit(records: &[crate::support::kafka::Record]) -> u64 {
@@ -67,13 +39,7 @@ async fn a_30s_broker_outage_is_ridden_out_on_one_replication_connection() {
     let fx = support::users_fixture(support::USERS_TABLE, "", None).await;
     // The same pipeline, into Kafka: records time out after 2 s, so the batch is retried (and
     // its failures logged) during the outage.
-    fx.db.write_config(
-        fx.dir.path(),
-        &fx.name,
-        &fx.role,
-        "pw",
-        "users",
-        &format!(
+    fx.rewrite_config(&format!(
             "[destination]\ntype = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\ncreate_topic = true\n[destination.librdkafka_options]\n\"message.timeout.ms\" = 2000\n[destination.retry]\nmax_backoff = \"2s\"\n",
             broker.address()
         ),
@@ -92,10 +58,10 @@ async fn a_30s_broker_outage_is_ridden_out_on_one_replication_connection() {
     support::wait_until(
         Duration::from_secs(30),
         "a walsender for the slot",
-        || async { walsender(&c, &fx.slot).await.is_some() },
+        || async { faults::walsender(&c, &fx.slot).await.is_some() },
     )
     .await;
-    let pid = walsender(&c, &fx.slot).await.expect("walsender");
+    let pid = faults::walsender(&c, &fx.slot).await.expect("walsender");
 
     // Before the outage: delivered and checkpointed.
     c.batch_execute(
@@ -137,7 +103,7 @@ async fn a_30s_broker_outage_is_ridden_out_on_one_replication_connection() {
             fx.run_log()
         );
         assert_eq!(
-            walsender(&c, &fx.slot).await,
+            faults::walsender(&c, &fx.slot).await,
             Some(pid),
             "the replication connection was not kept through the outage\n{}",
             fx.run_log()
@@ -154,7 +120,7 @@ async fn a_30s_broker_outage_is_ridden_out_on_one_replication_connection() {
 
     // The broker is back (empty: its storage was in memory); slotstream recovers by itself.
     broker.resume();
-    create_topic(&broker.address()).await;
+    kafka::create_topic(&broker.address(), TOPIC).await;
     let mut reader = TopicReader::new(&broker.address(), TOPIC, 1);
     let want: BTreeSet<String> = (0..5)
         .flat_map(|t| (1..=10).map(move |g| format!("c{t}_{g}")))
@@ -175,7 +141,12 @@ async fn a_30s_broker_outage_is_ridden_out_on_one_replication_connection() {
         || async { fx.positions().await.0.is_some_and(|p| p > during) },
     )
     .await;
-    assert_eq!(walsender(&c, &fx.slot).await, Some(pid), "{}", fx.run_log());
+    assert_eq!(
+        faults::walsender(&c, &fx.slot).await,
+        Some(pid),
+        "{}",
+        fx.run_log()
+    );
     let log = fx.run_log();
     assert!(log.contains("delivery recovered"), "{log}");
     assert!(

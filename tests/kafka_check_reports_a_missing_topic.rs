@@ -7,13 +7,7 @@ use crate::support;
 use crate::support::kafka;
 
 fn config(fx: &support::Fixture, topic: &str, create: bool) -> std::path::PathBuf {
-    fx.db.write_config(
-        fx.dir.path(),
-        &fx.name,
-        &fx.role,
-        "pw",
-        "users",
-        &format!(
+    fx.rewrite_config(&format!(
             "[destination]\ntype = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{topic}\"\ncreate_topic = {create}\n",
             kafka::broker().address()
         ),

@@ -14,13 +14,7 @@ const TOPIC: &str = "users_too_large";
 async fn a_record_too_large_is_dead_lettered_and_later_records_are_delivered() {
     let broker = kafka::broker();
     let fx = support::users_fixture(support::USERS_TABLE, "", None).await;
-    fx.db.write_config(
-        fx.dir.path(),
-        &fx.name,
-        &fx.role,
-        "pw",
-        "users",
-        &format!(
+    fx.rewrite_config(&format!(
             "[destination]\ntype = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\ncreate_topic = true\n[destination.librdkafka_options]\n\"message.max.bytes\" = 20000\n",
             broker.address()
         ),

@@ -35,6 +35,7 @@ mod http_throttling_and_timeouts_are_retried;
 mod http_too_large_requests_are_split;
 mod http_webhook_requests_carry_headers_and_a_verified_signature;
 mod idle_pipeline_leaves_its_checkpoint_row_alone;
+mod json_logs_carry_one_span_per_sync_run;
 mod kafka_broker_outage_keeps_the_replication_session;
 mod kafka_check_reports_a_missing_topic;
 mod kafka_record_too_large_is_dead_lettered;

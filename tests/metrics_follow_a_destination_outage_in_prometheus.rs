@@ -58,13 +58,7 @@ async fn prometheus_sees_the_lag_rise_during_an_outage_and_fall_after() {
     let broker = Broker::start();
     let fx = support::users_fixture_in(&cluster, support::USERS_TABLE, "", None).await;
     let listen = format!("127.0.0.1:{}", support::free_port());
-    fx.db.write_config(
-        fx.dir.path(),
-        &fx.name,
-        &fx.role,
-        "pw",
-        "users",
-        &format!(
+    fx.rewrite_config(&format!(
             "[metrics]\nlisten = \"{listen}\"\npoll_interval = \"1s\"\nlag_warn_bytes = {LAG_WARN}\n\
              [destination]\ntype = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\ncreate_topic = true\n\
              [destination.librdkafka_options]\n\"message.timeout.ms\" = 2000\n\
@@ -202,7 +196,7 @@ async fn prometheus_sees_the_lag_rise_during_an_outage_and_fall_after() {
 
     // Back (empty: its storage was in memory): recovers by itself.
     broker.resume();
-    create_topic(&broker.address()).await;
+    crate::support::kafka::create_topic(&broker.address(), TOPIC).await;
     support::wait_until(
         Duration::from_secs(90),
         "/readyz answers 200 again",
@@ -251,20 +245,6 @@ async fn prometheus_sees_the_lag_rise_during_an_outage_and_fall_after() {
         http_get(&listen, "/healthz").is_none(),
         "the endpoint ends with the run"
     );
-}
-
-async fn create_topic(address: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", address)
-        .create()
-        .expect("admin client");
-    let topic = NewTopic::new(TOPIC, 1, TopicReplication::Fixed(1));
-    // Already there (the broker creates topics itself) is fine.
-    let _ = admin
-        .create_topics([&topic], &AdminOptions::new())
-        .await
-        .expect("create topic");
 }
 
 fn check_metrics_with_promtool(scrape: &str) {

@@ -34,13 +34,7 @@ async fn a_slot_lost_underneath_stops_the_run_and_resync_recovers() {
     let broker = Broker::start();
     let fx = support::users_fixture_in(&cluster, support::USERS_TABLE, "", None).await;
     let listen = format!("127.0.0.1:{}", support::free_port());
-    let config = fx.db.write_config(
-        fx.dir.path(),
-        &fx.name,
-        &fx.role,
-        "pw",
-        "users",
-        &format!(
+    let config = fx.rewrite_config(&format!(
             "[metrics]\nlisten = \"{listen}\"\npoll_interval = \"1s\"\n\
              [destination]\ntype = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{TOPIC}\"\ncreate_topic = true\n\
              [destination.librdkafka_options]\n\"message.timeout.ms\" = 2000\n\

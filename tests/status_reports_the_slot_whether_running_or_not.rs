@@ -125,20 +125,11 @@ async fn status_json_follows_its_schema_with_the_daemon_stopped_and_running() {
         fx.run_log().contains("streaming")
     })
     .await;
-    let active_pid = || async {
-        c.query_opt(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
-            &[&fx.slot],
-        )
-        .await
-        .unwrap()
-        .and_then(|r| r.get::<_, Option<i32>>(0))
-    };
     support::wait_until(Duration::from_secs(30), "a walsender", || async {
-        active_pid().await.is_some()
+        faults::walsender(&c, &fx.slot).await.is_some()
     })
     .await;
-    let walsender: i32 = active_pid().await.expect("walsender");
+    let walsender: i32 = faults::walsender(&c, &fx.slot).await.expect("walsender");
     // WAL written while it runs: the forecast has a rate to work from.
     let writer = {
         let c2 = fx.db.connect().await;

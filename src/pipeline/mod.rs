@@ -541,7 +541,9 @@ async fn run_session(
     // is reported before anything is read.
     let checked = sink.lock().await.healthcheck().await;
     metrics.destination_state(checked.as_ref().err().map(|e| e.to_string()));
-    tracing::debug!("{}", checked?);
+    // Not inside the log macro: its arguments are evaluated only when the level is on.
+    let checked = checked?;
+    tracing::debug!("{checked}");
     let mut control = connect_control(config).await?;
     // Refuse an unsupported server before touching anything.
     let version = postgres::version::server_version(&control).await?;

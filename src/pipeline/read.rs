@@ -1,6 +1,8 @@
 //! The reading half: the full sync's COPY, then the replication stream, decoded and
 //! transformed into items for the deliverer.
 
+use tracing::Instrument;
+
 use super::progress::Progress;
 use super::*;
 
@@ -26,6 +28,12 @@ pub(super) struct Reader<'a> {
 pub(super) struct FullSyncIdentity<'a> {
     pub(super) mapping_hash: &'a str,
     pub(super) generation: i64,
+}
+
+/// The span of one sync run's log lines (`--log-format json` carries it on each line): a full
+/// sync, the stream of a session, or a window's delivery.
+pub(super) fn sync_run_span(kind: &'static str, from: Lsn) -> tracing::Span {
+    tracing::info_span!("sync_run", kind, from = %from)
 }
 
 /// Why the reader stopped without an error.
@@ -203,6 +211,7 @@ impl Reader<'_> {
                                 exported.consistent_point,
                                 full_sync.generation,
                             )
+                            .instrument(sync_run_span("snapshot", exported.consistent_point))
                             .await?
                         {
                             Ok(()) => {}
@@ -243,7 +252,10 @@ impl Reader<'_> {
             drop(self.out);
             return Ok(());
         }
-        let result = self.stream(&mut session, once_target, None).await;
+        let result = self
+            .stream(&mut session, once_target, None)
+            .instrument(sync_run_span("stream", start))
+            .await;
         if !matches!(result, Ok(Stop::DelivererGone)) {
             // Rows read before a shutdown or an error are delivered, as they would be one by one.
             let _ = self.out.flush().await;
@@ -336,6 +348,7 @@ impl Reader<'_> {
         }
         Ok(Some(
             self.full_sync(None, snapshot_lsn, full_sync.generation)
+                .instrument(sync_run_span("snapshot", snapshot_lsn))
                 .await?
                 .map(|()| snapshot_lsn),
         ))

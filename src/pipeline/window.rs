@@ -15,6 +15,7 @@ use crate::batch::ledger::{self, Sent};
 use crate::batch::schedule::{self, Schedule};
 use crate::batch::window::Coalescer;
 use crate::postgres::ledger as ledger_store;
+use tracing::Instrument;
 
 /// How often a windowed pipeline looks for a `slotstream sync` request.
 const SYNC_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -71,7 +72,10 @@ impl Deliverer {
                     staged,
                     "the window stage holds rows of an earlier schedule: delivering them now"
                 );
-                self.deliver_stage(sink, stored).await?;
+                let from = stored.start_lsn.unwrap_or(Lsn::ZERO);
+                self.deliver_stage(sink, stored)
+                    .instrument(super::read::sync_run_span("window", from))
+                    .await?;
             }
             return Ok(());
         };
@@ -134,7 +138,10 @@ impl Deliverer {
         self.stage_window().await?;
         let stored = state::load_window(&self.control, &self.pipeline).await?;
         tracing::info!(why, "delivering the window");
-        self.deliver_stage(sink, stored).await
+        let from = stored.start_lsn.unwrap_or(Lsn::ZERO);
+        self.deliver_stage(sink, stored)
+            .instrument(super::read::sync_run_span("window", from))
+            .await
     }
 
     /// Delivers the stage page by page, records the window's sync run and opens the next

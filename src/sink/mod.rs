@@ -155,6 +155,51 @@ pub trait Sink: Send {
     fn describe(&self) -> String;
 }
 
+/// A secret from `<key>_env` or `<key>_file` (at most one of them; `None` when neither is
+/// given), for every destination's credentials. An unset or empty variable, an unreadable or
+/// empty file is an error naming the key (`destination.<key>_env` / `_file`); a file's trailing
+/// newline is not part of the secret.
+pub(crate) fn secret_from(
+    key: &str,
+    env: Option<&str>,
+    file: Option<&std::path::PathBuf>,
+    getenv: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<secrecy::SecretString>, (String, String)> {
+    let invalid = |suffix: &str, message: String| (format!("destination.{key}{suffix}"), message);
+    match (env, file) {
+        (Some(_), Some(_)) => Err(invalid(
+            "_env",
+            format!("and {key}_file are both given; keep one"),
+        )),
+        (Some(var), None) => match getenv(var) {
+            Some(v) if !v.is_empty() => Ok(Some(secrecy::SecretString::from(v))),
+            _ => Err(invalid(
+                "_env",
+                format!(
+                    "names {var}, which is not set or empty; export it before running slotstream"
+                ),
+            )),
+        },
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    "_file",
+                    format!("names {}, which cannot be read: {e}", path.display()),
+                )
+            })?;
+            let value = text.trim_end_matches(['\n', '\r']);
+            if value.is_empty() {
+                return Err(invalid(
+                    "_file",
+                    format!("names {}, which is empty", path.display()),
+                ));
+            }
+            Ok(Some(secrecy::SecretString::from(value.to_owned())))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// Builds the configured sink.
 pub fn build(config: &DestinationConfig) -> Result<Box<dyn Sink>, SinkError> {
     match config {

@@ -104,3 +104,16 @@ impl Drop for Running {
         }
     }
 }
+
+/// The walsender streaming from `slot` (its pid in `pg_stat_replication`), if one does.
+pub async fn walsender(c: &tokio_postgres::Client, slot: &str) -> Option<i32> {
+    c.query_one(
+        "SELECT s.active_pid FROM pg_replication_slots s
+           JOIN pg_stat_replication r ON r.pid = s.active_pid
+          WHERE s.slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .ok()
+    .and_then(|r| r.get::<_, Option<i32>>(0))
+}

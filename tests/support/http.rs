@@ -392,14 +392,7 @@ pub fn base64(input: &[u8]) -> String {
 /// Points the fixture's pipeline at an HTTP destination: `[destination] type = "http"` with
 /// `keys` (TOML lines, sub-tables last).
 pub fn use_http_destination(fx: &super::Fixture, keys: &str) {
-    fx.db.write_config(
-        fx.dir.path(),
-        &fx.name,
-        &fx.role,
-        "pw",
-        "users",
-        &format!("[destination]\ntype = \"http\"\n{keys}\n"),
-    );
+    fx.rewrite_config(&format!("[destination]\ntype = \"http\"\n{keys}\n"));
 }
 
 /// Writes `secret` to a file in the fixture's directory; returns its path as a TOML string.

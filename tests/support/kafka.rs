@@ -233,3 +233,18 @@ impl TopicReader {
         self.records.len()
     }
 }
+
+/// Creates `topic` (one partition) on the broker at `address`; one that is already there (the
+/// broker creates topics itself) is fine.
+pub async fn create_topic(address: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", address)
+        .create()
+        .expect("admin client");
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(1));
+    let _ = admin
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .expect("create topic");
+}

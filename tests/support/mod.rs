@@ -787,6 +787,19 @@ impl Fixture {
             .expect("spawn slotstream run")
     }
 
+    /// Writes this pipeline's config again (same name, role and table) with `extra` TOML, e.g.
+    /// another `[destination]` or a `[metrics]` section; returns its path (the fixture's config).
+    pub fn rewrite_config(&self, extra: &str) -> PathBuf {
+        self.db.write_config(
+            self.dir.path(),
+            &self.name,
+            &self.role,
+            "pw",
+            "users",
+            extra,
+        )
+    }
+
     /// The background run's log.
     pub fn run_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("run.log")).unwrap_or_default()

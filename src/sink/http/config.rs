@@ -12,6 +12,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::sink::retry::{RawRetry, RetryPolicy};
+use crate::sink::secret_from;
 
 /// The default request limit: RudderStack's gateway refuses larger requests.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4000 * 1024;
@@ -151,47 +152,6 @@ type Invalid = (String, String);
 
 fn invalid(key: &str, message: impl Into<String>) -> Invalid {
     (format!("destination.{key}"), message.into())
-}
-
-/// A secret from `<key>_env` or `<key>_file` (exactly one; `None` when neither is given).
-fn secret_from(
-    key: &str,
-    env: Option<&str>,
-    file: Option<&PathBuf>,
-    getenv: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<SecretString>, Invalid> {
-    match (env, file) {
-        (Some(_), Some(_)) => Err(invalid(
-            &format!("{key}_env"),
-            format!("and {key}_file are both given; keep one"),
-        )),
-        (Some(var), None) => match getenv(var) {
-            Some(v) if !v.is_empty() => Ok(Some(SecretString::from(v))),
-            _ => Err(invalid(
-                &format!("{key}_env"),
-                format!(
-                    "names {var}, which is not set or empty; export it before running slotstream"
-                ),
-            )),
-        },
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                invalid(
-                    &format!("{key}_file"),
-                    format!("names {}, which cannot be read: {e}", path.display()),
-                )
-            })?;
-            let value = text.trim_end_matches(['\n', '\r']);
-            if value.is_empty() {
-                return Err(invalid(
-                    &format!("{key}_file"),
-                    format!("names {}, which is empty", path.display()),
-                ));
-            }
-            Ok(Some(SecretString::from(value.to_owned())))
-        }
-        (None, None) => Ok(None),
-    }
 }
 
 fn readable_file(key: &str, path: Option<&PathBuf>) -> Result<(), Invalid> {

@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::sink::retry::{RawRetry, RetryPolicy};
+use crate::sink::secret_from;
 
 /// librdkafka settings slotstream sets itself, from typed keys or for safety: refused in
 /// `librdkafka_options`, each with the key to use instead.
@@ -176,38 +177,6 @@ type Invalid = (String, String);
 
 fn invalid(key: &str, message: impl Into<String>) -> Invalid {
     (format!("destination.{key}"), message.into())
-}
-
-fn secret_from(
-    key: &str,
-    env: Option<&str>,
-    file: Option<&PathBuf>,
-    getenv: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<SecretString>, Invalid> {
-    match (env, file) {
-        (Some(_), Some(_)) => Err(invalid(key, "is given both as _env and as _file; keep one")),
-        (Some(var), None) => getenv(var)
-            .map(|v| Some(SecretString::from(v)))
-            .ok_or_else(|| {
-                invalid(
-                    &format!("{key}_env"),
-                    format!("names {var}, which is not set; export it before running slotstream"),
-                )
-            }),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map(|t| {
-                Some(SecretString::from(
-                    t.trim_end_matches(['\n', '\r']).to_owned(),
-                ))
-            })
-            .map_err(|e| {
-                invalid(
-                    &format!("{key}_file"),
-                    format!("names {}, which cannot be read: {e}", path.display()),
-                )
-            }),
-        (None, None) => Ok(None),
-    }
 }
 
 fn readable_file(key: &str, path: &Option<PathBuf>) -> Result<(), Invalid> {
