@@ -2,8 +2,9 @@
 //! (docs/architecture.md §14).
 //!
 //! - [`Metrics`]: every series of the `/metrics` endpoint, on one registry of the `prometheus`
-//!   crate. Counters and gauges are atomics; the pipeline adds to them once per chunk, batch
-//!   or checkpoint (never per row behind a lock), so they cost the stream nothing measurable.
+//!   crate. Counters and gauges are atomics; the pipeline adds to them once per transaction,
+//!   batch or checkpoint (never per row behind a lock), so they cost the stream nothing
+//!   measurable.
 //!   Values that depend on the time of the scrape (the checkpoint's age, the source lag in
 //!   seconds) are derived when the endpoint is scraped.
 //! - [`Health`] inside it: what `/readyz` answers (connected to the source, the destination
