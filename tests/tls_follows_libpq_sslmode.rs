@@ -28,6 +28,7 @@ use slotstream::error::Error;
 use slotstream::source::stream::replication_config;
 
 use crate::support;
+use crate::support::certs::{make_ca, make_server_cert};
 
 /// How long a `run` that must stop at once may take: far less than its retries would.
 const PROMPT_EXIT: Duration = Duration::from_secs(30);
@@ -60,97 +61,6 @@ struct TlsServer {
 }
 
 static SERVER: OnceLock<TlsServer> = OnceLock::new();
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-const EC_KEY: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-
-/// A CA named `/CN=<stem>`: `<stem>.crt`, `<stem>.key`.
-fn make_ca(dir: &Path, stem: &str) {
-    let (crt, key, subject) = (
-        format!("{stem}.crt"),
-        format!("{stem}.key"),
-        format!("/CN={stem}"),
-    );
-    let mut args = vec!["req", "-x509", "-noenc", "-days", "2"];
-    args.extend(EC_KEY);
-    args.extend([
-        "-keyout",
-        &key,
-        "-out",
-        &crt,
-        "-subj",
-        &subject,
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    openssl(dir, &args);
-}
-
-/// A server certificate `<stem>.crt` / `<stem>.key` for `names` (subjectAltName syntax),
-/// signed by the CA `ca`.
-fn make_server_cert(dir: &Path, stem: &str, ca: &str, names: &str) {
-    let (crt, key, csr, ext) = (
-        format!("{stem}.crt"),
-        format!("{stem}.key"),
-        format!("{stem}.csr"),
-        format!("{stem}.ext"),
-    );
-    std::fs::write(
-        dir.join(&ext),
-        format!(
-            "subjectAltName={names}\nbasicConstraints=CA:FALSE\n\
-             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-        ),
-    )
-    .expect("write extensions");
-    let mut args = vec!["req", "-noenc"];
-    args.extend(EC_KEY);
-    args.extend([
-        "-keyout",
-        &key,
-        "-out",
-        &csr,
-        "-subj",
-        "/CN=slotstream test server",
-    ]);
-    openssl(dir, &args);
-    let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_crt,
-            "-CAkey",
-            &ca_key,
-            "-set_serial",
-            "0x5107",
-            "-days",
-            "2",
-            "-out",
-            &crt,
-            "-extfile",
-            &ext,
-        ],
-    );
-}
 
 /// Runs SQL as the superuser through the unix socket; returns psql's unaligned output.
 fn psql(cluster: &support::Cluster, sql: &str) -> String {

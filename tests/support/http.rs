@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,6 +108,7 @@ struct State {
 pub struct Receiver {
     /// Its port on 127.0.0.1.
     pub port: u16,
+    scheme: &'static str,
     state: Arc<Mutex<State>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -120,35 +122,62 @@ impl Drop for Receiver {
 impl Receiver {
     /// Starts a receiver on a free port (on the test's runtime).
     pub async fn start() -> Receiver {
+        Receiver::start_with(None).await
+    }
+
+    /// Starts an HTTPS receiver presenting `cert`/`key` (PEM); with `client_ca`, it requires a
+    /// client certificate signed by that CA (mutual TLS).
+    pub async fn start_tls(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Receiver {
+        Receiver::start_with(Some(tls_acceptor(cert, key, client_ca))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let state = Arc::new(Mutex::new(State::default()));
         let shared = state.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let state = shared.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let state = state.clone();
                         async move { handle(state, req).await }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            // A handshake the server refuses (no or a bad client certificate)
+                            // ends here; the client sees the TLS alert.
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        Receiver { port, state, task }
+        Receiver {
+            port,
+            scheme,
+            state,
+            task,
+        }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` for a TLS receiver).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -214,6 +243,43 @@ impl Receiver {
             .filter_map(|e| e["userId"].as_str().map(str::to_owned))
             .collect()
     }
+}
+
+/// The rustls acceptor of an HTTPS receiver.
+fn tls_acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> tokio_rustls::TlsAcceptor {
+    let pem =
+        |path: &Path| std::io::BufReader::new(std::fs::File::open(path).expect("open a PEM file"));
+    let chain: Vec<_> = rustls_pemfile::certs(&mut pem(cert))
+        .collect::<Result<_, _>>()
+        .expect("certificates");
+    let key = rustls_pemfile::private_key(&mut pem(key))
+        .expect("key file")
+        .expect("a private key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions");
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut pem(ca)) {
+                roots.add(c.expect("CA certificate")).expect("add CA");
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .expect("server certificate");
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 fn respond(status: u16, text: &str) -> Response<Full<Bytes>> {

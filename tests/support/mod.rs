@@ -10,6 +10,7 @@
 //! its directory as soon as the test process is gone, however it ended.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod faults;
 pub mod http;
 pub mod kafka;
