@@ -190,14 +190,16 @@ pub fn snapshot_row_message_id(
     key_text: &str,
     row: &ProjectedRow,
 ) -> uuid::Uuid {
-    // `key \0 traits as JSON`, built in one buffer.
-    let mut identity = Vec::with_capacity(key_text.len() + 256);
-    identity.extend_from_slice(key_text.as_bytes());
-    identity.push(0);
-    // Writing JSON into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut identity, &row.traits);
-    let identity = String::from_utf8(identity).unwrap_or_default();
-    crate::transform::event::snapshot_message_id(pipeline, generation, &identity)
+    // `key \0 traits as JSON`, fed to the hasher as it is written (no buffer per row).
+    let mut hasher = crate::transform::event::snapshot_id_hasher(pipeline, generation);
+    hasher.update(key_text.as_bytes());
+    hasher.update(&[0]);
+    let mut out = std::io::BufWriter::with_capacity(512, &mut hasher);
+    // Writing JSON into a hasher cannot fail.
+    let _ = serde_json::to_writer(&mut out, &row.traits);
+    let _ = std::io::Write::flush(&mut out);
+    drop(out);
+    hasher.finish()
 }
 
 /// One row of a COPY text stream: its cells, unescaped, in one buffer that the parser reuses
