@@ -410,6 +410,7 @@ pub async fn stage_page(
                 key,
                 old_key: r.get(1),
                 fresh: r.get(2),
+                traits_hash: None,
             },
             stage_key,
             moved_from,

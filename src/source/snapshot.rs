@@ -190,15 +190,24 @@ pub fn snapshot_row_message_id(
     key_text: &str,
     row: &ProjectedRow,
 ) -> uuid::Uuid {
-    // `key \0 traits as JSON`, fed to the hasher as it is written (no buffer per row).
+    let mut traits = Vec::with_capacity(256);
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut traits, &row.traits);
+    snapshot_row_message_id_of_json(pipeline, generation, key_text, &traits)
+}
+
+/// [`snapshot_row_message_id`] of a row whose traits serialize as `traits_json`.
+pub fn snapshot_row_message_id_of_json(
+    pipeline: &str,
+    generation: i64,
+    key_text: &str,
+    traits_json: &[u8],
+) -> uuid::Uuid {
+    // The identity `key \0 traits as JSON`, fed to the hasher in pieces.
     let mut hasher = crate::transform::event::snapshot_id_hasher(pipeline, generation);
     hasher.update(key_text.as_bytes());
     hasher.update(&[0]);
-    let mut out = std::io::BufWriter::with_capacity(512, &mut hasher);
-    // Writing JSON into a hasher cannot fail.
-    let _ = serde_json::to_writer(&mut out, &row.traits);
-    let _ = std::io::Write::flush(&mut out);
-    drop(out);
+    hasher.update(traits_json);
     hasher.finish()
 }
 
@@ -394,6 +403,28 @@ fn unescape(field: &[u8], out: &mut Vec<u8>) -> Result<(), SourceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_row_message_id_is_the_uuid_of_key_and_traits() {
+        let row = ProjectedRow {
+            user_id: Some("u1".into()),
+            anonymous_id: None,
+            traits: crate::transform::Traits::from_entries([
+                ("name".to_owned(), Some(serde_json::json!("Ann \"A\""))),
+                ("age".to_owned(), Some(serde_json::json!(42))),
+            ]),
+        };
+        let json = serde_json::to_string(&row.traits).expect("json");
+        let id = snapshot_row_message_id("p", 3, "[\"1\"]", &row);
+        assert_eq!(
+            id,
+            crate::transform::event::snapshot_message_id("p", 3, &format!("[\"1\"]\u{0}{json}"))
+        );
+        assert_eq!(
+            id,
+            snapshot_row_message_id_of_json("p", 3, "[\"1\"]", json.as_bytes())
+        );
+    }
 
     #[test]
     fn rows_split_across_chunks_are_reassembled() {
