@@ -14,6 +14,7 @@
 #   BATCH_EVENTS=10000   schedule.max_batch_events of the bench config (the default is 500:
 #                        one fsync per 500 events; a bulk deployment sets it higher)
 #   FSYNC=true           destination.fsync of the file sink
+#   LEDGER=true          sync.ledger of the pipeline (the default; false: no ledger writes)
 #   ROUNDS=3             full syncs per size, each by a pipeline of its own, alternating with
 #                        psql; the best round of each is compared, all rounds are printed (the
 #                        machine may be shared: the spread shows the noise)
@@ -32,6 +33,7 @@ source scripts/pg-throwaway.sh
 ROWS_LIST="${ROWS_LIST:-${ROWS:-1000000}}"
 BATCH_EVENTS="${BATCH_EVENTS:-10000}"
 FSYNC="${FSYNC:-true}"
+LEDGER="${LEDGER:-true}"
 ROUNDS="${ROUNDS:-3}"
 
 say() { printf '== %s\n' "$*" >&2; }
@@ -138,6 +140,9 @@ sslmode = "disable"
 table = "users"
 publication = "$pub"
 
+[sync]
+ledger = $LEDGER
+
 [schedule]
 frequency = "realtime"
 max_batch_events = $BATCH_EVENTS
@@ -192,6 +197,6 @@ printf '\nfull sync benchmark\n'
 printf 'machine: %s, %s CPUs, %s\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
     "$(nproc)" "$("$PGT_BIN/postgres" --version)"
 printf 'load average: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
-printf 'slotstream config: max_batch_events=%s fsync=%s (file sink), all columns selected\n' \
-    "$BATCH_EVENTS" "$FSYNC"
+printf 'slotstream config: max_batch_events=%s fsync=%s (file sink) ledger=%s, all columns selected\n' \
+    "$BATCH_EVENTS" "$FSYNC" "$LEDGER"
 cat "$report"

@@ -21,6 +21,7 @@ mod destination_recovers_after_a_partial_write;
 mod deterministic_errors_stop_the_run_with_a_hint;
 mod file_destination_fsyncs_its_directory;
 mod followed_table_identity_is_kept;
+mod full_sync_fills_the_ledger_once_per_row;
 mod full_sync_ignores_role_and_database_timeouts;
 mod full_sync_is_consistent_with_concurrent_writer;
 mod full_sync_reports_progress;

@@ -88,24 +88,37 @@ pub struct Decision {
 
 /// The hash the ledger keeps of what an identify sends: its identifiers and traits.
 pub fn traits_hash(event: &Event) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(event.user_id.as_deref().unwrap_or("").as_bytes());
-    h.update([0]);
-    h.update(event.anonymous_id.as_deref().unwrap_or("").as_bytes());
-    h.update([0]);
-    // Writing JSON into a hasher cannot fail.
+    // Writing JSON into a Vec cannot fail.
     let mut traits = Vec::with_capacity(256);
     let _ = serde_json::to_writer(&mut traits, &event.traits);
-    h.update(&traits);
+    traits_hash_of(
+        event.user_id.as_deref(),
+        event.anonymous_id.as_deref(),
+        &traits,
+    )
+}
+
+/// [`traits_hash`] of an event with these identifiers whose traits serialize as `traits_json`.
+pub fn traits_hash_of(
+    user_id: Option<&str>,
+    anonymous_id: Option<&str>,
+    traits_json: &[u8],
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(user_id.unwrap_or("").as_bytes());
+    h.update([0]);
+    h.update(anonymous_id.unwrap_or("").as_bytes());
+    h.update([0]);
+    h.update(traits_json);
     h.finalize().into()
 }
 
-/// The ledger entry an event leaves behind.
-fn sent_of(event: &Event, partial: bool) -> Sent {
+/// The ledger entry an event leaves behind (`known`: its hash, if computed already).
+fn sent_of(event: &Event, partial: bool, known: Option<[u8; 32]>) -> Sent {
     Sent {
         user_id: event.user_id.clone(),
         anonymous_id: event.anonymous_id.clone(),
-        hash: (!partial).then(|| traits_hash(event)),
+        hash: (!partial).then(|| known.unwrap_or_else(|| traits_hash(event))),
     }
 }
 
@@ -158,6 +171,7 @@ pub fn decide(
         key,
         old_key,
         fresh,
+        traits_hash: known_hash,
     } = row;
     let mut events = Vec::new();
     let mut writes = Vec::new();
@@ -224,7 +238,7 @@ pub fn decide(
     }
     let partial = event.traits.as_ref().is_some_and(|t| t.is_partial());
     let snapshot = event.context.sources.op == Op::Snapshot;
-    let sent = sent_of(&event, partial);
+    let sent = sent_of(&event, partial, known_hash);
     if let Some(before) = current {
         let unchanged = before.hash.is_some()
             && before.hash == sent.hash

@@ -34,6 +34,10 @@ pub struct Row {
     /// The row did not exist before the window it is in (its first change in the window was an
     /// insert): a delete of it in the same window sends nothing.
     pub fresh: bool,
+    /// The ledger's hash of `event` ([`ledger::traits_hash`]), when the reader computed it
+    /// from the traits JSON it wrote for the messageId anyway (a full sync's rows); `None`:
+    /// computed when needed. Whatever changes the event's identifiers or traits clears it.
+    pub traits_hash: Option<[u8; 32]>,
 }
 
 impl Row {
@@ -44,6 +48,7 @@ impl Row {
             key: None,
             old_key: None,
             fresh: false,
+            traits_hash: None,
         }
     }
 

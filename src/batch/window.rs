@@ -65,6 +65,8 @@ impl Coalescer {
     /// Adds one change of a committed or committing transaction.
     pub fn add(&mut self, mut row: Row) {
         self.rows += 1;
+        // Coalescing may merge the traits: the hash is computed again when needed.
+        row.traits_hash = None;
         if row.event.context.sources.op == crate::transform::Op::Insert {
             row.fresh = true;
         }
@@ -99,6 +101,7 @@ impl Coalescer {
                 key: Some(old.clone()),
                 old_key: None,
                 fresh: true,
+                traits_hash: None,
             };
             self.bytes += left.bytes() + old.len() as u64;
             self.entries.insert(old.clone(), left);

@@ -35,6 +35,7 @@ fn identify(n: u64, op: Op, k: u8, user: &str, plan: i64, name: Option<&str>) ->
         key: Some(key(k)),
         old_key: None,
         fresh: false,
+        traits_hash: None,
     }
 }
 
@@ -52,6 +53,7 @@ fn delete(n: u64, k: u8) -> Row {
         key: Some(key(k)),
         old_key: None,
         fresh: false,
+        traits_hash: None,
     }
 }
 

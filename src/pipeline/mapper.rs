@@ -339,6 +339,7 @@ impl<'a> ChangeMapper<'a> {
                 key,
                 old_key: None,
                 fresh: false,
+                traits_hash: None,
             })));
         }
         let old_key = match (&old_tuple, &ours.key_positions) {

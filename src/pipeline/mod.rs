@@ -64,7 +64,7 @@ use crate::postgres::state::{self, CheckpointCommit, DeadLetter, FullSyncState};
 use crate::postgres::{self, PgError, catalog, quote_qualified};
 use crate::sink::{self, Sink};
 use crate::source::SourceError;
-use crate::source::snapshot::{CopyTextParser, SnapshotQuery, snapshot_row_message_id};
+use crate::source::snapshot::{CopyTextParser, SnapshotQuery, snapshot_row_message_id_of_json};
 use crate::source::stream;
 use crate::transform::event::{EventFactory, Stamp, pg_micros_to_rfc3339};
 use crate::transform::{Event, Op, Projection};

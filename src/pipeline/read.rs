@@ -406,6 +406,9 @@ impl Reader<'_> {
         let timestamp = pg_micros_to_rfc3339(crate::transform::event::now_pg_micros());
         let stamp = Stamp::new(snapshot_lsn, &timestamp);
         let mut rows: i64 = 0;
+        // Each row's traits as JSON, written once for its messageId and its ledger hash (the
+        // buffer is reused from row to row).
+        let mut traits_json: Vec<u8> = Vec::with_capacity(512);
         let mut shutdown = self.shutdown.clone();
         loop {
             let chunk = tokio::select! {
@@ -422,6 +425,9 @@ impl Reader<'_> {
             while let Some(row) = parser.next_row()? {
                 rows += 1;
                 let (projected, key_text) = query.project(&projection, table, &self.ctx.types, row);
+                traits_json.clear();
+                // Writing JSON into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut traits_json, &projected.traits);
                 let pipeline = &self.config.name;
                 let mut item = row_item(
                     self.config,
@@ -430,12 +436,28 @@ impl Reader<'_> {
                     Op::Snapshot,
                     snapshot_lsn,
                     &stamp,
-                    |p| snapshot_row_message_id(pipeline, generation, &key_text, p),
+                    |_| {
+                        snapshot_row_message_id_of_json(
+                            pipeline,
+                            generation,
+                            &key_text,
+                            &traits_json,
+                        )
+                    },
                 );
                 if let Item::Row(row) = &mut item
                     && keyed
                 {
                     row.key = Some(key_text);
+                    row.traits_hash = Some(crate::batch::ledger::traits_hash_of(
+                        row.event.user_id.as_deref(),
+                        row.event.anonymous_id.as_deref(),
+                        &traits_json,
+                    ));
+                    debug_assert_eq!(
+                        row.traits_hash,
+                        Some(crate::batch::ledger::traits_hash(&row.event))
+                    );
                 }
                 if let Err(stop) = self.out.send(item).await {
                     return Ok(Err(stop));

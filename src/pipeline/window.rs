@@ -395,7 +395,18 @@ impl LedgerFiller {
         let pipeline = config.name.clone();
         let (tx, mut rx) = mpsc::channel::<Vec<(String, Option<Sent>)>>(FILLER_QUEUE);
         let task = tokio::spawn(async move {
+            // New entries go in by COPY until a key turns out to have one already (a resync,
+            // or a full sync started again): from then on, by the upsert.
+            let mut copy = true;
             while let Some(writes) = rx.recv().await {
+                if copy && writes.iter().all(|(_, e)| e.is_some()) {
+                    copy = ledger_store::copy_new_entries(&client, &pipeline, generation, &writes)
+                        .await?;
+                    if copy {
+                        continue;
+                    }
+                    tracing::debug!("the ledger holds entries already: filling it by upsert");
+                }
                 ledger_store::write_ledger(&client, &pipeline, generation, &writes).await?;
             }
             Ok(())

@@ -190,14 +190,25 @@ pub fn snapshot_row_message_id(
     key_text: &str,
     row: &ProjectedRow,
 ) -> uuid::Uuid {
-    // `key \0 traits as JSON`, built in one buffer.
-    let mut identity = Vec::with_capacity(key_text.len() + 256);
-    identity.extend_from_slice(key_text.as_bytes());
-    identity.push(0);
+    let mut traits = Vec::with_capacity(256);
     // Writing JSON into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut identity, &row.traits);
-    let identity = String::from_utf8(identity).unwrap_or_default();
-    crate::transform::event::snapshot_message_id(pipeline, generation, &identity)
+    let _ = serde_json::to_writer(&mut traits, &row.traits);
+    snapshot_row_message_id_of_json(pipeline, generation, key_text, &traits)
+}
+
+/// [`snapshot_row_message_id`] of a row whose traits serialize as `traits_json`.
+pub fn snapshot_row_message_id_of_json(
+    pipeline: &str,
+    generation: i64,
+    key_text: &str,
+    traits_json: &[u8],
+) -> uuid::Uuid {
+    // The identity `key \0 traits as JSON`, fed to the hasher in pieces.
+    let mut hasher = crate::transform::event::snapshot_id_hasher(pipeline, generation);
+    hasher.update(key_text.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(traits_json);
+    hasher.finish()
 }
 
 /// One row of a COPY text stream: its cells, unescaped, in one buffer that the parser reuses
@@ -392,6 +403,28 @@ fn unescape(field: &[u8], out: &mut Vec<u8>) -> Result<(), SourceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_row_message_id_is_the_uuid_of_key_and_traits() {
+        let row = ProjectedRow {
+            user_id: Some("u1".into()),
+            anonymous_id: None,
+            traits: crate::transform::Traits::from_entries([
+                ("name".to_owned(), Some(serde_json::json!("Ann \"A\""))),
+                ("age".to_owned(), Some(serde_json::json!(42))),
+            ]),
+        };
+        let json = serde_json::to_string(&row.traits).expect("json");
+        let id = snapshot_row_message_id("p", 3, "[\"1\"]", &row);
+        assert_eq!(
+            id,
+            crate::transform::event::snapshot_message_id("p", 3, &format!("[\"1\"]\u{0}{json}"))
+        );
+        assert_eq!(
+            id,
+            snapshot_row_message_id_of_json("p", 3, "[\"1\"]", json.as_bytes())
+        );
+    }
 
     #[test]
     fn rows_split_across_chunks_are_reassembled() {

@@ -198,7 +198,53 @@ pub fn stream_message_id(pipeline: &str, commit_lsn: Lsn, ordinal: u64) -> Uuid 
     push_decimal(&mut name, commit_lsn.as_u64());
     name.push(0);
     push_decimal(&mut name, ordinal);
-    Uuid::new_v5(&MESSAGE_NAMESPACE, &name)
+    uuid_v5(&MESSAGE_NAMESPACE, &name)
+}
+
+/// `Uuid::new_v5(namespace, name)`, the same UUID, by a SHA-1 that uses the CPU's SHA
+/// instructions where it has them (the `uuid` crate's own SHA-1 is portable code, and a
+/// messageId is computed for every row).
+pub fn uuid_v5(namespace: &Uuid, name: &[u8]) -> Uuid {
+    let mut hasher = V5Hasher::new(namespace);
+    hasher.update(name);
+    hasher.finish()
+}
+
+/// A UUID v5 whose name is fed in pieces (no buffer to build it in first).
+pub struct V5Hasher(sha1::Sha1);
+
+impl V5Hasher {
+    /// A hasher for names in `namespace`.
+    pub fn new(namespace: &Uuid) -> Self {
+        use sha1::Digest;
+        let mut h = sha1::Sha1::new();
+        h.update(namespace.as_bytes());
+        V5Hasher(h)
+    }
+
+    /// Appends `bytes` to the name.
+    pub fn update(&mut self, bytes: &[u8]) {
+        sha1::Digest::update(&mut self.0, bytes);
+    }
+
+    /// The UUID of the name fed so far.
+    pub fn finish(self) -> Uuid {
+        let digest = sha1::Digest::finalize(self.0);
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        uuid::Builder::from_sha1_bytes(bytes).into_uuid()
+    }
+}
+
+impl std::io::Write for V5Hasher {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Appends the decimal digits of `n`.
@@ -219,15 +265,22 @@ fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
 /// `messageId` of a snapshot row of the full sync `generation` from the row's identity (see
 /// `source::snapshot`: key and content).
 pub fn snapshot_message_id(pipeline: &str, generation: i64, row_identity: &str) -> Uuid {
-    // `pipeline \0 snapshot \0 generation \0 identity`, without the formatting machinery (once
-    // per row).
-    let mut name = Vec::with_capacity(pipeline.len() + row_identity.len() + 32);
-    name.extend_from_slice(pipeline.as_bytes());
-    name.extend_from_slice(b"\0snapshot\0");
-    push_decimal(&mut name, generation.unsigned_abs());
-    name.push(0);
-    name.extend_from_slice(row_identity.as_bytes());
-    Uuid::new_v5(&MESSAGE_NAMESPACE, &name)
+    let mut hasher = snapshot_id_hasher(pipeline, generation);
+    hasher.update(row_identity.as_bytes());
+    hasher.finish()
+}
+
+/// A hasher fed `pipeline \0 snapshot \0 generation \0`: the start of every snapshot row's
+/// messageId name; the row's identity follows (see [`snapshot_message_id`]).
+pub fn snapshot_id_hasher(pipeline: &str, generation: i64) -> V5Hasher {
+    let mut hasher = V5Hasher::new(&MESSAGE_NAMESPACE);
+    hasher.update(pipeline.as_bytes());
+    hasher.update(b"\0snapshot\0");
+    let mut digits = Vec::with_capacity(20);
+    push_decimal(&mut digits, generation.unsigned_abs());
+    hasher.update(&digits);
+    hasher.update(&[0]);
+    hasher
 }
 
 /// RFC 3339 (UTC, microseconds) of a PostgreSQL timestamp (µs since 2000-01-01).
@@ -272,6 +325,19 @@ mod tests {
         assert_eq!(s, snapshot_message_id("p", 1, "[1]"));
         assert_ne!(s, snapshot_message_id("p", 1, "[2]"));
         assert_ne!(s, snapshot_message_id("p", 2, "[1]"));
+        for (generation, identity) in [(1, "[1]"), (12, "[\"a\"]\u{0}{\"x\":1}")] {
+            let name = format!("p\u{0}snapshot\u{0}{generation}\u{0}{identity}");
+            let expected = Uuid::new_v5(&MESSAGE_NAMESPACE, name.as_bytes());
+            assert_eq!(snapshot_message_id("p", generation, identity), expected);
+        }
+        // Every length around SHA-1's 64-byte blocks: the same UUID as the `uuid` crate's.
+        let long: Vec<u8> = (0..300u32).map(|i| (i * 7 % 251) as u8).collect();
+        for n in 0..long.len() {
+            assert_eq!(
+                uuid_v5(&MESSAGE_NAMESPACE, &long[..n]),
+                Uuid::new_v5(&MESSAGE_NAMESPACE, &long[..n])
+            );
+        }
     }
 
     #[test]
