@@ -96,23 +96,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 say "loading $ROWS rows in $TXN_ROWS-row transactions"
-pgt_psql -d app -v rows="$ROWS" -v txn="$TXN_ROWS" <<'SQL'
-CREATE PROCEDURE bench_load(n bigint, txn bigint) LANGUAGE plpgsql AS $$
-DECLARE
-    lo bigint := 1;
-BEGIN
-    WHILE lo <= n LOOP
-        INSERT INTO public.users (user_id, email, name, plan, age, balance, verified, updated_at)
-        SELECT 'u_' || i, 'user' || i || '@example.com', 'User ' || i,
-               (ARRAY['free', 'pro', 'team', 'enterprise'])[1 + i % 4], 18 + i % 60,
-               (i % 100000) / 100.0, i % 3 = 0, now()
-          FROM generate_series(lo, least(lo + txn - 1, n)) AS i;
-        COMMIT;
-        lo := lo + txn;
-    END LOOP;
-END $$;
-CALL bench_load(:rows, :txn);
-SQL
+bench_load_users "$ROWS" "$TXN_ROWS" 0
 
 declare -A times rss
 for round in $(seq 1 "$ROUNDS"); do

@@ -117,30 +117,7 @@ write_config bench-rt bench_rt "$LAT_BATCH_EVENTS" "$LAT_BATCH_DELAY"
     || { cat "$work/first-run-rt.log" >&2; exit 1; }
 
 say "loading $ROWS rows in $TXN_ROWS-row transactions, then updating $UPDATE_ROWS"
-pgt_psql -d app -v rows="$ROWS" -v txn="$TXN_ROWS" -v upd="$UPDATE_ROWS" <<'SQL'
-CREATE PROCEDURE bench_load(n bigint, txn bigint, upd bigint) LANGUAGE plpgsql AS $$
-DECLARE
-    lo bigint := 1;
-BEGIN
-    WHILE lo <= n LOOP
-        INSERT INTO public.users (user_id, email, name, plan, age, balance, verified, updated_at)
-        SELECT 'u_' || i, 'user' || i || '@example.com', 'User ' || i,
-               (ARRAY['free', 'pro', 'team', 'enterprise'])[1 + i % 4], 18 + i % 60,
-               (i % 100000) / 100.0, i % 3 = 0, now()
-          FROM generate_series(lo, least(lo + txn - 1, n)) AS i;
-        COMMIT;
-        lo := lo + txn;
-    END LOOP;
-    lo := 1;
-    WHILE lo <= upd LOOP
-        UPDATE public.users SET plan = 'pro', updated_at = now()
-         WHERE id BETWEEN lo AND least(lo + txn - 1, upd);
-        COMMIT;
-        lo := lo + txn;
-    END LOOP;
-END $$;
-CALL bench_load(:rows, :txn, :upd);
-SQL
+bench_load_users "$ROWS" "$TXN_ROWS" "$UPDATE_ROWS"
 end_lsn="$(pgt_psql -d app -At -c 'SELECT pg_current_wal_insert_lsn()')"
 until [[ "$(pgt_psql -d app -At -c "SELECT pg_current_wal_flush_lsn() >= '$end_lsn'")" == t ]]; do
     sleep 0.1

@@ -69,6 +69,35 @@ SQL
     bench_publish
 }
 
+# Inserts $1 rows into the table of bench_users_table in $2-row transactions, then updates the first $3
+# rows (same transaction size): the changes the destination benchmarks read.
+bench_load_users() {
+    pgt_psql -d app -v rows="$1" -v txn="$2" -v upd="$3" <<'SQL' >/dev/null
+CREATE PROCEDURE bench_load(n bigint, txn bigint, upd bigint) LANGUAGE plpgsql AS $$
+DECLARE
+    lo bigint := 1;
+BEGIN
+    WHILE lo <= n LOOP
+        INSERT INTO public.users (user_id, email, name, plan, age, balance, verified, updated_at)
+        SELECT 'u_' || i, 'user' || i || '@example.com', 'User ' || i,
+               (ARRAY['free', 'pro', 'team', 'enterprise'])[1 + i % 4], 18 + i % 60,
+               (i % 100000) / 100.0, i % 3 = 0, now()
+          FROM generate_series(lo, least(lo + txn - 1, n)) AS i;
+        COMMIT;
+        lo := lo + txn;
+    END LOOP;
+    lo := 1;
+    WHILE lo <= upd LOOP
+        UPDATE public.users SET plan = 'pro', updated_at = now()
+         WHERE id BETWEEN lo AND least(lo + txn - 1, upd);
+        COMMIT;
+        lo := lo + txn;
+    END LOOP;
+END $$;
+CALL bench_load(:rows, :txn, :upd);
+SQL
+}
+
 # The [source] section of a bench pipeline's config (after bench_publish), on stdout.
 bench_source_toml() {
     cat <<TOML

@@ -118,14 +118,6 @@ pub async fn gather(config: &Config) -> Result<Status, Error> {
     let slot = monitor::read_slot(&client, &config.source.slot, &config.name)
         .await
         .map_err(|e| PgError::query("reading the slot", e))?;
-    let confirmed: Option<String> = client
-        .query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.source.slot],
-        )
-        .await
-        .map_err(|e| PgError::query("reading the slot", e))?
-        .and_then(|r| r.get(0));
     // With a limit on the WAL a slot may hold, the time left at the current WAL rate.
     let mut forecast = Forecaster::default();
     let started = std::time::Instant::now();
@@ -219,7 +211,7 @@ pub async fn gather(config: &Config) -> Result<Status, Error> {
         running: run_pid.is_some(),
         run_pid: run_pid.and_then(|h| h.slotstream_pid()),
         wal_status: slot.wal_status.clone(),
-        confirmed_flush_lsn: confirmed,
+        confirmed_flush_lsn: slot.confirmed_flush_lsn.clone(),
         lag_bytes: slot.lag_bytes,
         lag_seconds,
         retained_wal_bytes: slot.retained_bytes,

@@ -6,7 +6,7 @@
 //! committed during the outage arrives, by itself, with no messageId delivered twice.
 
 use crate::support;
-use crate::support::faults::{self, Running};
+use crate::support::faults;
 use crate::support::http::{self, Fault, Receiver};
 
 use std::collections::HashMap;
@@ -32,18 +32,7 @@ async fn a_60s_endpoint_outage_is_ridden_out_on_one_replication_connection() {
     )
     .await
     .unwrap();
-    let mut run = Running(fx.spawn_run());
-    support::wait_until(Duration::from_secs(60), "the run is streaming", || async {
-        fx.run_log().contains("streaming")
-    })
-    .await;
-    support::wait_until(
-        Duration::from_secs(30),
-        "a walsender for the slot",
-        || async { faults::walsender(&c, &fx.slot).await.is_some() },
-    )
-    .await;
-    let pid = faults::walsender(&c, &fx.slot).await.expect("walsender");
+    let (mut run, pid) = faults::spawn_streaming(&fx, &c).await;
 
     // Before the outage: delivered and checkpointed.
     c.batch_execute(

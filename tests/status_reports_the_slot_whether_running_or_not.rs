@@ -6,7 +6,7 @@
 //! invalidation. The human table says the same.
 
 use crate::support;
-use crate::support::faults::{self, Running};
+use crate::support::faults;
 
 use std::path::Path;
 use std::time::Duration;
@@ -120,16 +120,7 @@ async fn status_json_follows_its_schema_with_the_daemon_stopped_and_running() {
         "{stopped:#}"
     );
 
-    let mut run = Running(fx.spawn_run());
-    support::wait_until(Duration::from_secs(60), "the run streams", || async {
-        fx.run_log().contains("streaming")
-    })
-    .await;
-    support::wait_until(Duration::from_secs(30), "a walsender", || async {
-        faults::walsender(&c, &fx.slot).await.is_some()
-    })
-    .await;
-    let walsender: i32 = faults::walsender(&c, &fx.slot).await.expect("walsender");
+    let (mut run, walsender) = faults::spawn_streaming(&fx, &c).await;
     // WAL written while it runs: the forecast has a rate to work from.
     let writer = {
         let c2 = fx.db.connect().await;

@@ -40,7 +40,7 @@ pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost
 /// The full-sync states (one series each, 1 for the current one).
 pub const FULL_SYNC_STATES: [&str; 3] = ["pending", "running", "done"];
 /// The kinds of destination errors (the `kind` label of `slotstream_destination_errors_total`).
-pub const ERROR_KINDS: [&str; 6] = ["io", "serialize", "kafka", "http", "rejected", "other"];
+pub const ERROR_KINDS: [&str; 5] = ["io", "serialize", "kafka", "http", "rejected"];
 
 /// Every series slotstream exports, and the readiness state.
 pub struct Metrics {
@@ -431,7 +431,7 @@ impl Metrics {
         self.destination_errors.with_label_values(&[kind]).inc();
     }
 
-    /// A batch was delivered after `attempts` attempts.
+    /// A batch was delivered after at least one failed attempt.
     pub fn delivery_recovered(&self) {
         self.retries.inc();
     }
@@ -441,7 +441,7 @@ impl Metrics {
         self.reconnects.inc();
     }
 
-    /// Rows a window coalesced away, and rows the ledger found unchanged.
+    /// Changes a window merged into a later change of the same row.
     pub fn coalesced(&self, n: u64) {
         self.coalesced.inc_by(n);
     }

@@ -34,6 +34,8 @@ pub struct SlotReading {
     pub safe_wal_size: Option<i64>,
     /// Why the server invalidated it (PostgreSQL 17+).
     pub invalidation_reason: Option<String>,
+    /// `confirmed_flush_lsn` (X/Y).
+    pub confirmed_flush_lsn: Option<String>,
     /// `current - confirmed_flush_lsn`.
     pub lag_bytes: Option<i64>,
     /// `current - restart_lsn`.
@@ -73,7 +75,8 @@ SELECT s.slot_name IS NOT NULL,
        to_jsonb(s) ->> 'invalidation_reason',
        (w.lsn - s.confirmed_flush_lsn)::int8,
        (w.lsn - s.restart_lsn)::int8,
-       (w.lsn - '0/0'::pg_lsn)::int8
+       (w.lsn - '0/0'::pg_lsn)::int8,
+       s.confirmed_flush_lsn::text
   FROM (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
                     ELSE pg_current_wal_lsn() END AS lsn) w
   LEFT JOIN pg_replication_slots s ON s.slot_name = $1"#;
@@ -100,6 +103,7 @@ pub async fn read_slot(
         lag_bytes: r.get(6),
         retained_bytes: r.get(7),
         wal_position: r.get::<_, Option<i64>>(8).unwrap_or(0),
+        confirmed_flush_lsn: r.get(9),
         full_sync_ahead: false,
     };
     if reading.lost().is_some() {
@@ -292,6 +296,7 @@ mod tests {
             wal_status: Some("reserved".into()),
             safe_wal_size: None,
             invalidation_reason: None,
+            confirmed_flush_lsn: None,
             lag_bytes: Some(0),
             retained_bytes: Some(0),
             wal_position: 0,

@@ -46,30 +46,43 @@ pub fn make_ca(dir: &Path, stem: &str) {
 /// A server certificate `<stem>.crt` / `<stem>.key` for `names` (subjectAltName syntax),
 /// signed by the CA `ca`.
 pub fn make_server_cert(dir: &Path, stem: &str, ca: &str, names: &str) {
+    make_signed_cert(
+        dir,
+        stem,
+        ca,
+        "/CN=slotstream test server",
+        &format!(
+            "subjectAltName={names}\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        ),
+    );
+}
+
+/// A client certificate `<stem>.crt` / `<stem>.key` (`/CN=<stem>`, clientAuth), signed by the
+/// CA `ca`.
+pub fn make_client_cert(dir: &Path, stem: &str, ca: &str) {
+    make_signed_cert(
+        dir,
+        stem,
+        ca,
+        &format!("/CN={stem}"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    );
+}
+
+/// `<stem>.crt` / `<stem>.key` with `subject` and the X.509 `extensions` (openssl's extfile
+/// syntax), signed by the CA `ca`.
+fn make_signed_cert(dir: &Path, stem: &str, ca: &str, subject: &str, extensions: &str) {
     let (crt, key, csr, ext) = (
         format!("{stem}.crt"),
         format!("{stem}.key"),
         format!("{stem}.csr"),
         format!("{stem}.ext"),
     );
-    std::fs::write(
-        dir.join(&ext),
-        format!(
-            "subjectAltName={names}\nbasicConstraints=CA:FALSE\n\
-             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-        ),
-    )
-    .expect("write extensions");
+    std::fs::write(dir.join(&ext), extensions).expect("write extensions");
     let mut args = vec!["req", "-noenc"];
     args.extend(EC_KEY);
-    args.extend([
-        "-keyout",
-        &key,
-        "-out",
-        &csr,
-        "-subj",
-        "/CN=slotstream test server",
-    ]);
+    args.extend(["-keyout", &key, "-out", &csr, "-subj", subject]);
     openssl(dir, &args);
     let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
     openssl(
@@ -85,52 +98,6 @@ pub fn make_server_cert(dir: &Path, stem: &str, ca: &str, names: &str) {
             &ca_key,
             "-set_serial",
             "0x5107",
-            "-days",
-            "2",
-            "-out",
-            &crt,
-            "-extfile",
-            &ext,
-        ],
-    );
-}
-
-/// A client certificate `<stem>.crt` / `<stem>.key` (`/CN=<stem>`, clientAuth), signed by the
-/// CA `ca`.
-pub fn make_client_cert(dir: &Path, stem: &str, ca: &str) {
-    let (crt, key, csr, ext) = (
-        format!("{stem}.crt"),
-        format!("{stem}.key"),
-        format!("{stem}.csr"),
-        format!("{stem}.ext"),
-    );
-    std::fs::write(
-        dir.join(&ext),
-        "basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature
-extendedKeyUsage=clientAuth
-",
-    )
-    .expect("write extensions");
-    let subject = format!("/CN={stem}");
-    let mut args = vec!["req", "-noenc"];
-    args.extend(EC_KEY);
-    args.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
-    openssl(dir, &args);
-    let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_crt,
-            "-CAkey",
-            &ca_key,
-            "-set_serial",
-            "0x5108",
             "-days",
             "2",
             "-out",

@@ -117,3 +117,21 @@ pub async fn walsender(c: &tokio_postgres::Client, slot: &str) -> Option<i32> {
     .ok()
     .and_then(|r| r.get::<_, Option<i32>>(0))
 }
+
+/// Starts `slotstream run` (continuous) for `fx` and waits until it streams on a walsender;
+/// returns the run and that walsender's pid.
+pub async fn spawn_streaming(fx: &Fixture, c: &tokio_postgres::Client) -> (Running, i32) {
+    let run = Running(fx.spawn_run());
+    super::wait_until(Duration::from_secs(60), "the run is streaming", || async {
+        fx.run_log().contains("streaming")
+    })
+    .await;
+    super::wait_until(
+        Duration::from_secs(30),
+        "a walsender for the slot",
+        || async { walsender(c, &fx.slot).await.is_some() },
+    )
+    .await;
+    let pid = walsender(c, &fx.slot).await.expect("walsender");
+    (run, pid)
+}
