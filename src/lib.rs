@@ -34,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod json;
 pub mod metrics;
 pub mod pipeline;
 pub mod postgres;

@@ -118,7 +118,7 @@ pub async fn run(config: &Config, limit: u32) -> Result<(), Error> {
         let cells: Vec<Option<String>> = (0..query.width())
             .map(|i| row.get(i).map(str::to_owned))
             .collect();
-        let (projected, key_text) = query.project(&projection, &table, &types, &cells);
+        let (projected, key_text) = query.project(&projection, &types, &cells);
         if !projected.is_identified() {
             skipped += 1;
             continue;

@@ -347,11 +347,18 @@ pub async fn every_type_maps_to_the_json_to_jsonb_gives_in(db: support::TestDb) 
                     compared += 1;
                     let expected = server_json(expected);
                     let ours = catalog.cell_to_json(*oid, text);
+                    // What the pipeline writes: the cell's JSON text, straight from its text.
+                    let mut written = Vec::new();
+                    catalog.write_cell_json(*oid, text, &mut written);
+                    let written = String::from_utf8_lossy(&written);
                     // Equal as values, and printed alike (key order, number digits).
-                    if ours != expected || printed(&ours) != printed(&expected) {
+                    if ours != expected
+                        || printed(&ours) != printed(&expected)
+                        || written != printed(&expected)
+                    {
                         failures.push(format!(
                             "column {name} (type {oid}), row {id}: text {text:?}\n  \
-                             to_jsonb: {expected}\n  ours:     {ours}"
+                             to_jsonb: {expected}\n  ours:     {ours}\n  written:  {written}"
                         ));
                     }
                 }
@@ -427,7 +434,9 @@ async fn timestamptz_offsets_match_to_jsonb_under_any_time_zone() {
                 };
                 let expected = server_json(expected);
                 let ours = catalog.cell_to_json(oid, text);
-                if ours != expected {
+                let mut written = Vec::new();
+                catalog.write_cell_json(oid, text, &mut written);
+                if ours != expected || written != printed(&expected).as_bytes() {
                     failures.push(format!(
                         "{zone} {column} row {id}: {text:?} → {ours} ≠ {expected}"
                     ));

@@ -90,7 +90,10 @@ pub struct Decision {
 pub fn traits_hash(event: &Event) -> [u8; 32] {
     // Writing JSON into a Vec cannot fail.
     let mut traits = Vec::with_capacity(256);
-    let _ = serde_json::to_writer(&mut traits, &event.traits);
+    match &event.traits {
+        Some(t) => t.write_json(&mut traits),
+        None => traits.extend_from_slice(b"null"),
+    }
     traits_hash_of(
         event.user_id.as_deref(),
         event.anonymous_id.as_deref(),

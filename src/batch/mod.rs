@@ -90,12 +90,7 @@ pub fn event_bytes(e: &Event) -> u64 {
     let fixed = 512
         + e.user_id.as_ref().map_or(0, |s| heap(s.len()))
         + e.anonymous_id.as_ref().map_or(0, |s| heap(s.len()));
-    let traits = e.traits.as_ref().map_or(0, |t| {
-        let (n, values) = t
-            .iter()
-            .fold((0, 0), |(n, sum), (_, v)| (n + 1, sum + value_heap(v)));
-        heap(n * VALUE) + values
-    });
+    let traits = e.traits.as_ref().map_or(0, |t| heap(t.allocated_bytes()));
     let properties = e.properties.as_ref().map_or(0, |p| {
         map_heap(p.len())
             + p.iter()

@@ -75,7 +75,10 @@ fn ten_updates_to_one_row_become_one_event_with_the_last_state() {
     assert_eq!(rows.len(), 1);
     let row = &rows[0].1;
     assert_eq!(
-        row.event.traits.as_ref().map(|t| t["plan"].clone()),
+        row.event
+            .traits
+            .as_ref()
+            .map(|t| t.get("plan").expect("plan")),
         Some(json!(9))
     );
     // The messageId of the last change kept.
@@ -94,8 +97,8 @@ fn a_partial_update_merges_into_the_earlier_state() {
     let (rows, _) = c.take();
     let traits = rows[0].1.event.traits.clone().expect("traits");
     assert!(!traits.is_partial());
-    assert_eq!(traits["plan"], json!(2));
-    assert_eq!(traits["name"], json!("Ann"));
+    assert_eq!(traits.get("plan").expect("plan"), json!(2));
+    assert_eq!(traits.get("name").expect("name"), json!("Ann"));
 }
 
 #[test]
@@ -209,8 +212,8 @@ impl Destination {
             EventKind::Identify => {
                 let profile = self.0.entry(user).or_default();
                 if let Some(t) = &e.traits {
-                    for (k, v) in t.iter() {
-                        profile.insert(k.to_owned(), v.clone());
+                    for (k, v) in t.clone().into_map() {
+                        profile.insert(k, v);
                     }
                 }
             }

@@ -53,6 +53,8 @@ use serde_json::{Map, Number, Value};
 
 use text::{ArrayParser, hstore, record_field};
 
+use crate::json::{write_str, write_str_content, write_value};
+
 mod text;
 
 /// How `to_jsonb()` renders values of one type; one entry of the [`TypeCatalog`].
@@ -312,6 +314,40 @@ impl TypeCatalog {
         self.render(type_oid, text, 0)
     }
 
+    /// Appends the JSON text of [`Self::cell_to_json`]`(type_oid, text)` to `out`, byte for
+    /// byte what serializing that value gives, written straight from the cell's text for the
+    /// common types (booleans, integers, numerics, floats, timestamps and every type rendered
+    /// as a string): no `Value`, no allocation. Arrays, composites, json, jsonb and hstore go
+    /// through the value.
+    pub fn write_cell_json(&self, type_oid: u32, text: &str, out: &mut Vec<u8>) {
+        match self.resolve(type_oid) {
+            None | Some(TypeShape::Text | TypeShape::JsonCast | TypeShape::Domain { .. }) => {
+                write_str(out, text)
+            }
+            Some(TypeShape::Bool) => match text {
+                "t" => out.extend_from_slice(b"true"),
+                "f" => out.extend_from_slice(b"false"),
+                _ => write_str(out, text),
+            },
+            // `i64` parsing prints the same digits back for a plain integer (not `-0`, no
+            // leading zeros); the number rule keeps a plain decimal's text.
+            Some(TypeShape::Integer) if is_plain_decimal(text, false) && text != "-0" => {
+                out.extend_from_slice(text.as_bytes())
+            }
+            Some(TypeShape::Numeric | TypeShape::Float) if has_n(text) => write_str(out, text),
+            Some(TypeShape::Numeric) if is_plain_decimal(text, true) => {
+                out.extend_from_slice(text.as_bytes())
+            }
+            Some(TypeShape::Float) => match canonical_decimal(text) {
+                Some(d) if is_plain_decimal(&d, true) => out.extend_from_slice(d.as_bytes()),
+                _ => write_value(out, &self.render(type_oid, text, 0)),
+            },
+            Some(TypeShape::Timestamp) => write_iso_timestamp(text, false, out),
+            Some(TypeShape::TimestampTz) => write_iso_timestamp(text, true, out),
+            Some(_) => write_value(out, &self.render(type_oid, text, 0)),
+        }
+    }
+
     fn render(&self, oid: u32, text: &str, depth: usize) -> Value {
         let Some(shape) = self.resolve(oid) else {
             return string(text);
@@ -543,30 +579,57 @@ fn json_to_jsonb(value: Value) -> Value {
     }
 }
 
+/// `-?(0|[1-9][0-9]*)(\.[0-9]+)?` (the fraction only with `fraction`): a JSON number in the
+/// form numeric_out prints, which JSON numbers keep digit for digit.
+fn is_plain_decimal(text: &str, fraction: bool) -> bool {
+    let b = text.as_bytes();
+    let b = b.strip_prefix(b"-").unwrap_or(b);
+    let int = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    if int == 0 || (int > 1 && b[0] == b'0') {
+        return false;
+    }
+    match &b[int..] {
+        [] => true,
+        [b'.', rest @ ..] => fraction && !rest.is_empty() && rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    }
+}
+
+/// [`iso_timestamp`] written as a JSON string into `out`.
+fn write_iso_timestamp(text: &str, with_offset: bool, out: &mut Vec<u8>) {
+    out.push(b'"');
+    iso_timestamp_pieces(text, with_offset, |piece| write_str_content(out, piece));
+    out.push(b'"');
+}
+
 /// ISO `timestamp[tz]` text → to_jsonb's XSD form: `T` between date and time, and for
 /// timestamptz an offset of at least `+HH:MM`. `infinity`/`-infinity` have no space: unchanged.
 fn iso_timestamp(text: &str, with_offset: bool) -> String {
+    let mut out = String::with_capacity(text.len() + 3);
+    iso_timestamp_pieces(text, with_offset, |piece| out.push_str(piece));
+    out
+}
+
+/// [`iso_timestamp`]'s text, handed to `piece` in consecutive pieces.
+fn iso_timestamp_pieces(text: &str, with_offset: bool, mut piece: impl FnMut(&str)) {
     // Byte searches (every character looked for is ASCII): a `char` pattern costs more here,
     // once per timestamp cell.
     let position = |s: &str, what: &[u8]| s.bytes().position(|b| what.contains(&b));
     let Some(space) = position(text, b" ") else {
-        return text.to_owned();
+        return piece(text);
     };
-    let mut out = String::with_capacity(text.len() + 3);
-    out.push_str(&text[..space]);
-    out.push('T');
+    piece(&text[..space]);
+    piece("T");
     let rest = &text[space + 1..];
     if with_offset && let Some(sign) = position(rest, b"+-") {
         let end = position(&rest[sign..], b" ").map_or(rest.len(), |e| sign + e);
-        out.push_str(&rest[..end]);
+        piece(&rest[..end]);
         if end - sign == 3 {
-            out.push_str(":00");
+            piece(":00");
         }
-        out.push_str(&rest[end..]);
-        return out;
+        return piece(&rest[end..]);
     }
-    out.push_str(rest);
-    out
+    piece(rest)
 }
 
 /// Hasher for type OIDs: one multiply, no SipHash on the hot path.

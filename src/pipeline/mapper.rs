@@ -550,16 +550,12 @@ pub(super) fn project_tuple(
     rel: &RelationBody,
     types: &TypeCatalog,
 ) -> ProjectedRow {
-    projection.project(|i| match tuple.cells.get(i) {
+    // The projection was resolved from `rel`'s columns: it knows their types.
+    let _ = rel;
+    projection.project(types, |i| match tuple.cells.get(i) {
         Some(Cell::Null) => CellRef::Null,
         Some(Cell::UnchangedToast) | None => CellRef::Absent,
-        Some(Cell::Text(bytes)) => {
-            let oid = rel.columns.get(i).map(|c| c.type_oid).unwrap_or(25);
-            match std::str::from_utf8(bytes) {
-                Ok(text) => CellRef::Value(types.cell_to_json(oid, text)),
-                Err(_) => CellRef::Value(types.cell_to_json(oid, &String::from_utf8_lossy(bytes))),
-            }
-        }
+        Some(Cell::Text(bytes)) => CellRef::Text(String::from_utf8_lossy(bytes)),
         Some(Cell::Binary(_)) => CellRef::Absent,
     })
 }

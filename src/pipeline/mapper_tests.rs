@@ -185,7 +185,7 @@ fn unchanged_toast_is_taken_from_a_full_old_row_else_left_out() {
     });
     assert_eq!(
         e.traits.as_ref().unwrap().get("name"),
-        Some(&serde_json::json!("Ann"))
+        Some(serde_json::json!("Ann"))
     );
     let e = h.event(LogicalMessage::Update {
         xid: None,
@@ -346,8 +346,8 @@ fn other_shape_changes_keep_streaming() {
         &[Some("1"), Some("u_1"), None, Some("Ann"), Some("pro")],
     ));
     let traits = e.traits.unwrap();
-    assert_eq!(traits.get("full_name"), Some(&serde_json::json!("Ann")));
-    assert_eq!(traits.get("plan"), Some(&serde_json::json!("pro")));
+    assert_eq!(traits.get("full_name"), Some(serde_json::json!("Ann")));
+    assert_eq!(traits.get("plan"), Some(serde_json::json!("pro")));
 }
 
 #[test]

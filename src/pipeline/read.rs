@@ -424,10 +424,9 @@ impl Reader<'_> {
             parser.push(&chunk);
             while let Some(row) = parser.next_row()? {
                 rows += 1;
-                let (projected, key_text) = query.project(&projection, table, &self.ctx.types, row);
+                let (projected, key_text) = query.project(&projection, &self.ctx.types, row);
                 traits_json.clear();
-                // Writing JSON into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut traits_json, &projected.traits);
+                projected.traits.write_json(&mut traits_json);
                 let pipeline = &self.config.name;
                 let mut item = row_item(
                     self.config,

@@ -1,10 +1,9 @@
-//! Events as JSON text, written directly: byte for byte what `serde_json::to_writer` gives for
-//! an [`Event`] (the tests below compare the two), without serde's per-value machinery. Every
-//! sink serializes every event, and serde_json's string escaping was the largest single cost
-//! of the file sink: here a string without anything to escape, the usual case, is checked in
-//! one branch-free pass and copied in one piece.
+//! Events as JSON text, written directly ([`crate::json`]): byte for byte what
+//! `serde_json::to_writer` gives for an [`Event`] (the tests below compare the two). A row's
+//! traits are already JSON text ([`crate::transform::Traits`]): they are copied, not written
+//! again.
 
-use serde_json::Value;
+use crate::json::{write_object, write_str};
 
 use crate::transform::event::{Context, Library, Sources};
 use crate::transform::{Event, EventKind};
@@ -80,7 +79,7 @@ fn write(out: &mut Vec<u8>, event: &Event, context_traits: bool) {
     }
     if let Some(traits) = traits {
         out.extend_from_slice(b",\"traits\":");
-        write_object(out, traits.iter());
+        traits.write_json(out);
     }
     if let Some(properties) = properties {
         out.extend_from_slice(b",\"properties\":");
@@ -89,7 +88,7 @@ fn write(out: &mut Vec<u8>, event: &Event, context_traits: bool) {
     out.extend_from_slice(b",\"context\":{");
     if let (true, Some(traits)) = (context_traits, traits) {
         out.extend_from_slice(b"\"traits\":");
-        write_object(out, traits.iter());
+        traits.write_json(out);
         out.push(b',');
     }
     out.extend_from_slice(b"\"library\":{\"name\":");
@@ -115,84 +114,6 @@ fn write(out: &mut Vec<u8>, event: &Event, context_traits: bool) {
     out.push(b'}');
 }
 
-fn write_object<'a>(out: &mut Vec<u8>, entries: impl Iterator<Item = (&'a str, &'a Value)>) {
-    out.push(b'{');
-    for (i, (key, value)) in entries.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_str(out, key);
-        out.push(b':');
-        write_value(out, value);
-    }
-    out.push(b'}');
-}
-
-fn write_value(out: &mut Vec<u8>, value: &Value) {
-    match value {
-        Value::Null => out.extend_from_slice(b"null"),
-        Value::Bool(true) => out.extend_from_slice(b"true"),
-        Value::Bool(false) => out.extend_from_slice(b"false"),
-        // With `arbitrary_precision` a number is its JSON text, written as is.
-        Value::Number(n) => out.extend_from_slice(n.as_str().as_bytes()),
-        Value::String(s) => write_str(out, s),
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_value(out, item);
-            }
-            out.push(b']');
-        }
-        Value::Object(map) => write_object(out, map.iter().map(|(k, v)| (k.as_str(), v))),
-    }
-}
-
-/// Whether JSON needs `b` escaped inside a string: `"`, `\` and the control characters.
-fn needs_escape(b: u8) -> bool {
-    b < 0x20 || b == b'"' || b == b'\\'
-}
-
-/// A JSON string, escaped as serde_json escapes (short forms for `\b \t \n \f \r`, `\u00xx` for
-/// the other control characters, nothing else).
-fn write_str(out: &mut Vec<u8>, s: &str) {
-    let bytes = s.as_bytes();
-    out.reserve(bytes.len() + 2);
-    out.push(b'"');
-    // No early exit, so the check compiles to a vectorized pass.
-    if !bytes.iter().fold(false, |any, &b| any | needs_escape(b)) {
-        out.extend_from_slice(bytes);
-    } else {
-        let mut start = 0;
-        for (i, &b) in bytes.iter().enumerate() {
-            if !needs_escape(b) {
-                continue;
-            }
-            out.extend_from_slice(&bytes[start..i]);
-            match b {
-                b'"' => out.extend_from_slice(b"\\\""),
-                b'\\' => out.extend_from_slice(b"\\\\"),
-                b'\x08' => out.extend_from_slice(b"\\b"),
-                b'\t' => out.extend_from_slice(b"\\t"),
-                b'\n' => out.extend_from_slice(b"\\n"),
-                b'\x0c' => out.extend_from_slice(b"\\f"),
-                b'\r' => out.extend_from_slice(b"\\r"),
-                _ => {
-                    const HEX: &[u8; 16] = b"0123456789abcdef";
-                    out.extend_from_slice(b"\\u00");
-                    out.push(HEX[usize::from(b >> 4)]);
-                    out.push(HEX[usize::from(b & 0xf)]);
-                }
-            }
-            start = i + 1;
-        }
-        out.extend_from_slice(&bytes[start..]);
-    }
-    out.push(b'"');
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,7 +123,7 @@ mod tests {
     use crate::transform::mapping::CellRef;
     use crate::transform::{Op, Projection};
     use proptest::prelude::*;
-    use serde_json::{Map, json};
+    use serde_json::{Map, Value, json};
 
     fn events(text: &str, extra: Value) -> Vec<Event> {
         let mut constants = Map::new();
@@ -228,7 +149,7 @@ mod tests {
         let factory = EventFactory::new("pipe\"line", "sch\u{e9}ma", "t\tbl");
         let stamp = Stamp::new(Lsn::from_u64(0x16B6C50), "2024-01-02T03:04:05.123456Z");
         let row = |absent: bool| {
-            projection.project(|i| match i {
+            projection.project(&crate::decode::value::TypeCatalog::builtin(), |i| match i {
                 0 => CellRef::Value(Value::String(format!("u_{text}"))),
                 1 if absent => CellRef::Absent,
                 1 => CellRef::Value(Value::String(text.to_owned())),

@@ -236,8 +236,9 @@ pub(crate) fn test_events(user_ids: &[&str]) -> Vec<Event> {
         .iter()
         .enumerate()
         .map(|(i, id)| {
-            let row =
-                projection.project(|_| CellRef::Value(serde_json::Value::String((*id).to_owned())));
+            let row = projection.project(&crate::decode::value::TypeCatalog::builtin(), |_| {
+                CellRef::Value(serde_json::Value::String((*id).to_owned()))
+            });
             factory.identify(row, Op::Insert, &stamp, uuid::Uuid::from_u128(i as u128))
         })
         .collect()

@@ -9,6 +9,8 @@
 //! backslash escapes `\b \f \n \r \t \v \\` (plus octal `\NNN` and hex `\xNN`, which the server
 //! does not emit but which are accepted) stand for the raw bytes.
 
+use std::borrow::Cow;
+
 use bytes::{Buf, BytesMut};
 
 use super::SourceError;
@@ -112,16 +114,12 @@ impl SnapshotQuery {
     pub fn project(
         &self,
         projection: &Projection,
-        table: &Table,
         types: &TypeCatalog,
         row: &(impl Cells + ?Sized),
     ) -> (ProjectedRow, String) {
-        let projected = projection.project(|i| match self.position.get(i) {
+        let projected = projection.project(types, |i| match self.position.get(i) {
             Some(&p) if p != usize::MAX => match row.cell(p) {
-                Some(Some(text)) => {
-                    let oid = table.columns.get(i).map(|c| c.type_oid).unwrap_or(25);
-                    CellRef::Value(types.cell_to_json(oid, text))
-                }
+                Some(Some(text)) => CellRef::Text(Cow::Borrowed(text)),
                 Some(None) => CellRef::Null,
                 None => CellRef::Absent,
             },
@@ -140,10 +138,7 @@ fn key_text(row: &(impl Cells + ?Sized), start: usize) -> String {
             text.push(b',');
         }
         match row.cell(p).flatten() {
-            Some(cell) => {
-                // Writing a string into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut text, cell);
-            }
+            Some(cell) => crate::json::write_str(&mut text, cell),
             None => text.extend_from_slice(b"null"),
         }
     }
@@ -191,8 +186,7 @@ pub fn snapshot_row_message_id(
     row: &ProjectedRow,
 ) -> uuid::Uuid {
     let mut traits = Vec::with_capacity(256);
-    // Writing JSON into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut traits, &row.traits);
+    row.traits.write_json(&mut traits);
     snapshot_row_message_id_of_json(pipeline, generation, key_text, &traits)
 }
 

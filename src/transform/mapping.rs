@@ -14,13 +14,20 @@
 //! - the table must have at least one identifier column; a row with no identifier value is
 //!   not an event (the caller dead-letters it).
 
+use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::config::{IdentifierColumn, MappingConfig};
+use crate::decode::value::TypeCatalog;
+use crate::json::{write_str, write_value};
+
+/// `text`: the type of a cell whose column is not in the projection's shape.
+const TEXT_OID: u32 = 25;
 
 /// Namespace of the `anonymousId`s derived from emails (UUID v5).
 const EMAIL_NAMESPACE: Uuid = Uuid::from_u128(0x5a1f_0c2e_8d3b_4e47_9b6a_1e2d_3c4b_5a69);
@@ -128,49 +135,138 @@ pub struct Projection {
     trait_slots: Vec<usize>,
     /// Type OIDs by position, for the identifier cells.
     type_oids: Vec<u32>,
+    /// The capacity a row's JSON buffer starts with: about the last row's size.
+    json_hint: Arc<AtomicUsize>,
 }
 
 /// The trait keys of one [`Projection`], shared by every row it projects: each column trait's
 /// key once, in column order (two columns mapped to one key share the first one's place; the
 /// later column's value wins, as when inserting into a JSON object), then the constants.
+/// Keys and constants are kept as JSON text too, ready to be copied into each row's object.
 #[derive(Debug, Default, PartialEq)]
 struct TraitKeys {
     columns: Vec<Arc<str>>,
-    constants: Map<String, Value>,
+    /// Each column key as a JSON string followed by `:`.
+    prefixes: Vec<Box<[u8]>>,
+    /// The constants: key and value's JSON text.
+    constants: Vec<(Arc<str>, Box<[u8]>)>,
+    /// The constants as the members of a JSON object, comma separated (empty if none).
+    constants_json: Box<[u8]>,
 }
 
+impl TraitKeys {
+    fn new(columns: Vec<Arc<str>>, constants: &Map<String, Value>) -> Self {
+        let member_prefix = |key: &str| {
+            let mut prefix = Vec::with_capacity(key.len() + 3);
+            write_str(&mut prefix, key);
+            prefix.push(b':');
+            prefix
+        };
+        let prefixes = columns
+            .iter()
+            .map(|k| member_prefix(k).into_boxed_slice())
+            .collect();
+        let mut constants_json = Vec::new();
+        let constants = constants
+            .iter()
+            .map(|(k, v)| {
+                if !constants_json.is_empty() {
+                    constants_json.push(b',');
+                }
+                constants_json.extend_from_slice(&member_prefix(k));
+                let start = constants_json.len();
+                write_value(&mut constants_json, v);
+                (Arc::from(k.as_str()), constants_json[start..].into())
+            })
+            .collect();
+        TraitKeys {
+            columns,
+            prefixes,
+            constants,
+            constants_json: constants_json.into_boxed_slice(),
+        }
+    }
+}
+
+/// Where a left-out value's text is (nowhere).
+const ABSENT: (usize, usize) = (usize::MAX, usize::MAX);
+
 /// The traits of one row: selected columns under their trait keys, in column order, then the
-/// constants; serializes as that JSON object. The keys are the projection's, shared, so a row
-/// allocates only its values.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// constants; [`Traits::write_json`] writes that JSON object. Each value is held as its JSON
+/// text (written straight from the cell's text, see
+/// [`crate::decode::value::TypeCatalog::write_cell_json`]), all of a row's in one buffer; the
+/// keys are the projection's, shared. So a row allocates one buffer and one list of places,
+/// whatever its number of columns, and writing the traits into an event, a messageId or a
+/// ledger hash copies text.
+#[derive(Clone, Default)]
 pub struct Traits {
     keys: Arc<TraitKeys>,
-    /// One per column key; `None`: left out (a cell the server did not send).
-    values: Vec<Option<Value>>,
+    /// The values' JSON texts.
+    json: Vec<u8>,
+    /// For each column key, its value's place in `json`; [`ABSENT`]: left out (a cell the
+    /// server did not send).
+    spans: Vec<(usize, usize)>,
 }
 
 impl Traits {
-    /// The traits in order, as (key, value).
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
-        let columns = self.keys.columns.iter().zip(&self.values);
+    /// The traits in order, as (key, value's JSON text).
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let columns = self.keys.columns.iter().zip(&self.spans);
         columns
-            .filter_map(|(k, v)| Some((&**k, v.as_ref()?)))
-            .chain(self.keys.constants.iter().map(|(k, v)| (k.as_str(), v)))
+            .filter(|(_, span)| **span != ABSENT)
+            .map(|(k, &(start, end))| (&**k, &self.json[start..end]))
+            .chain(self.keys.constants.iter().map(|(k, v)| (&**k, &**v)))
     }
 
-    /// The value of trait `key`.
-    pub fn get(&self, key: &str) -> Option<&Value> {
-        self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    /// Appends the traits as one JSON object: byte for byte what serializing
+    /// [`Self::into_map`] with serde_json gives.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.reserve(self.json.len() + self.keys.constants_json.len() + 16 * self.spans.len());
+        out.push(b'{');
+        let mut first = true;
+        for (prefix, &(start, end)) in self.keys.prefixes.iter().zip(&self.spans) {
+            if (start, end) == ABSENT {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(prefix);
+            out.extend_from_slice(&self.json[start..end]);
+        }
+        if !self.keys.constants_json.is_empty() {
+            if !first {
+                out.push(b',');
+            }
+            out.extend_from_slice(&self.keys.constants_json);
+        }
+        out.push(b'}');
+    }
+
+    /// The traits as one JSON object's text.
+    pub fn to_json_string(&self) -> String {
+        let mut out = Vec::with_capacity(self.json.len() + 64);
+        self.write_json(&mut out);
+        // Every piece is JSON text written from `str`s.
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The value of trait `key`, parsed.
+    pub fn get(&self, key: &str) -> Option<Value> {
+        self.entries()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| serde_json::from_slice(v).ok())
     }
 
     /// Whether trait `key` is present.
     pub fn contains_key(&self, key: &str) -> bool {
-        self.get(key).is_some()
+        self.entries().any(|(k, _)| k == key)
     }
 
     /// Number of traits.
     pub fn len(&self) -> usize {
-        self.iter().count()
+        self.entries().count()
     }
 
     /// Whether there is no trait.
@@ -181,7 +277,13 @@ impl Traits {
     /// Whether a column's value was left out (an unchanged TOASTed cell the server did not
     /// send): such traits are a partial update of the row.
     pub fn is_partial(&self) -> bool {
-        self.values.iter().any(Option::is_none)
+        self.spans.contains(&ABSENT)
+    }
+
+    /// Heap bytes the row's traits hold (the values' text and their places; the keys are
+    /// shared).
+    pub fn allocated_bytes(&self) -> usize {
+        self.json.capacity() + self.spans.capacity() * std::mem::size_of::<(usize, usize)>()
     }
 
     /// Fills the values left out of these traits from `earlier` traits of the same row (a
@@ -189,19 +291,26 @@ impl Traits {
     /// are taken over; keys both have keep this one's value.
     pub fn fill_from(&mut self, earlier: &Traits) {
         if Arc::ptr_eq(&self.keys, &earlier.keys) {
-            for (mine, theirs) in self.values.iter_mut().zip(&earlier.values) {
-                if mine.is_none() {
-                    mine.clone_from(theirs);
+            for (mine, &(start, end)) in self.spans.iter_mut().zip(&earlier.spans) {
+                if *mine == ABSENT && (start, end) != ABSENT {
+                    let at = self.json.len();
+                    self.json.extend_from_slice(&earlier.json[start..end]);
+                    *mine = (at, self.json.len());
                 }
             }
             return;
         }
-        // Different shapes (a staged row, a schema change): merge by key.
-        let mut merged = earlier.clone().into_map();
-        for (k, v) in self.iter() {
-            merged.insert(k.to_owned(), v.clone());
+        // Different shapes (a staged row, a schema change): merge by key, earlier's order
+        // first, as inserting into a JSON object does.
+        let mut merged: Vec<(&str, &[u8])> = earlier.entries().collect();
+        for (k, v) in self.entries() {
+            match merged.iter_mut().find(|(key, _)| *key == k) {
+                Some(entry) => entry.1 = v,
+                None => merged.push((k, v)),
+            }
         }
-        *self = Traits::from_map(merged);
+        let merged = Traits::from_json_entries(merged.into_iter().map(|(k, v)| (k, Some(v))));
+        *self = merged;
     }
 
     /// Traits holding exactly `map` (read back from the window stage): same serialization.
@@ -211,49 +320,81 @@ impl Traits {
 
     /// Traits of these keys in order, `None` for a value left out.
     pub fn from_entries(entries: impl IntoIterator<Item = (String, Option<Value>)>) -> Traits {
-        let (columns, values) = entries
+        let mut text = Vec::new();
+        let entries: Vec<(String, Option<(usize, usize)>)> = entries
             .into_iter()
-            .map(|(k, v)| (Arc::<str>::from(k), v))
-            .unzip();
+            .map(|(k, v)| {
+                let span = v.map(|v| {
+                    let start = text.len();
+                    write_value(&mut text, &v);
+                    (start, text.len())
+                });
+                (k, span)
+            })
+            .collect();
+        Traits::from_json_entries(
+            entries
+                .iter()
+                .map(|(k, span)| (k.as_str(), span.map(|(s, e)| &text[s..e]))),
+        )
+    }
+
+    /// Traits of these keys in order with their values' JSON text, `None` for one left out.
+    fn from_json_entries<'a>(
+        entries: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Self {
+        let mut columns = Vec::new();
+        let mut json = Vec::new();
+        let mut spans = Vec::new();
+        for (k, v) in entries {
+            columns.push(Arc::<str>::from(k));
+            spans.push(match v {
+                Some(v) => {
+                    let start = json.len();
+                    json.extend_from_slice(v);
+                    (start, json.len())
+                }
+                None => ABSENT,
+            });
+        }
         Traits {
-            keys: Arc::new(TraitKeys {
-                columns,
-                constants: Map::new(),
-            }),
-            values,
+            keys: Arc::new(TraitKeys::new(columns, &Map::new())),
+            json,
+            spans,
         }
     }
 
-    /// The traits as a JSON object (for a dead letter's payload).
+    /// The traits as a JSON object (for a dead letter's payload, the window stage).
     pub fn into_map(self) -> Map<String, Value> {
-        let mut map = Map::with_capacity(self.values.len() + self.keys.constants.len());
-        for (k, v) in self.keys.columns.iter().zip(self.values) {
-            if let Some(v) = v {
-                map.insert(k.to_string(), v);
-            }
-        }
-        for (k, v) in &self.keys.constants {
-            map.insert(k.clone(), v.clone());
-        }
-        map
+        self.entries()
+            .filter_map(|(k, v)| Some((k.to_owned(), serde_json::from_slice(v).ok()?)))
+            .collect()
     }
 }
 
-/// Like a JSON object's: the value of `key`; panics when there is none.
-impl std::ops::Index<&str> for Traits {
-    type Output = Value;
+/// Equal when they hold the same keys and values in the same order (whatever their buffers).
+impl PartialEq for Traits {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries().eq(other.entries()) && self.is_partial() == other.is_partial()
+    }
+}
 
-    fn index(&self, key: &str) -> &Value {
-        self.get(key)
-            .unwrap_or_else(|| panic!("no trait {key:?} in {self:?}"))
+impl std::fmt::Debug for Traits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Traits({})", self.to_json_string())?;
+        if self.is_partial() {
+            f.write_str(" (partial)")?;
+        }
+        Ok(())
     }
 }
 
 impl Serialize for Traits {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(None)?;
-        for (k, v) in self.iter() {
-            map.serialize_entry(k, v)?;
+        for (k, v) in self.entries() {
+            let value: Value = serde_json::from_slice(v).map_err(serde::ser::Error::custom)?;
+            map.serialize_entry(k, &value)?;
         }
         map.end()
     }
@@ -290,23 +431,31 @@ impl ProjectedRow {
 }
 
 /// A cell as the projection sees it.
-pub enum CellRef {
+pub enum CellRef<'a> {
     /// SQL NULL.
     Null,
     /// Not sent by the server (an unchanged TOASTed value, or a column absent from a key-only
     /// old tuple): left out.
     Absent,
-    /// The value.
+    /// The cell in its type's text output form (pgoutput's and COPY's), mapped by the column's
+    /// type as `to_jsonb()` maps it.
+    Text(Cow<'a, str>),
+    /// A value already mapped.
     Value(Value),
 }
 
-/// An identifier value as a string: strings as they are, numbers and others by their JSON text.
-fn identifier_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Null => None,
-        Value::String(s) if s.is_empty() => None,
-        Value::String(s) => Some(s.clone()),
-        other => Some(other.to_string()),
+/// An identifier from its value's JSON text: strings as they are, numbers and others by their
+/// JSON text; null and the empty string are none.
+fn identifier_text(json: &[u8]) -> Option<String> {
+    match json {
+        b"null" | b"\"\"" => None,
+        [b'"', inner @ .., b'"'] if !inner.contains(&b'\\') => {
+            std::str::from_utf8(inner).ok().map(str::to_owned)
+        }
+        [b'"', ..] => serde_json::from_slice::<String>(json)
+            .ok()
+            .filter(|s| !s.is_empty()),
+        other => std::str::from_utf8(other).ok().map(str::to_owned),
     }
 }
 
@@ -455,12 +604,10 @@ impl Projection {
             anonymous_id,
             email,
             missing_columns,
-            trait_keys: Arc::new(TraitKeys {
-                columns: keys,
-                constants: config.constants.clone(),
-            }),
+            trait_keys: Arc::new(TraitKeys::new(keys, &config.constants)),
             trait_slots,
             type_oids: columns.iter().map(|(_, oid)| *oid).collect(),
+            json_hint: Arc::new(AtomicUsize::new(64)),
         })
     }
 
@@ -492,37 +639,56 @@ impl Projection {
         v
     }
 
-    /// Projects one row. `cell(index)` gives the decoded cell at a column position; it is
-    /// called once per needed column.
-    pub fn project(&self, mut cell: impl FnMut(usize) -> CellRef) -> ProjectedRow {
-        let mut values: Vec<Option<Value>> = Vec::with_capacity(self.trait_keys.columns.len());
-        values.resize_with(self.trait_keys.columns.len(), || None);
+    /// Projects one row. `cell(index)` gives the cell at a column position; it is called once
+    /// per needed column. Text cells are written as JSON straight into the row's one buffer
+    /// (see [`Traits`]).
+    pub fn project<'a>(
+        &self,
+        types: &TypeCatalog,
+        mut cell: impl FnMut(usize) -> CellRef<'a>,
+    ) -> ProjectedRow {
+        let keys = self.trait_keys.columns.len();
+        let mut json = Vec::with_capacity(self.json_hint.load(Ordering::Relaxed));
+        let mut spans = vec![ABSENT; keys];
         let mut id_values: [Option<String>; 3] = [None, None, None];
         let id_positions = [self.user_id, self.anonymous_id, self.email];
         let mut seen_ids = [false; 3];
+        let write = |json: &mut Vec<u8>, type_oid: u32, cell: CellRef<'_>| {
+            let start = json.len();
+            match cell {
+                CellRef::Absent => return None,
+                CellRef::Null => json.extend_from_slice(b"null"),
+                CellRef::Text(text) => types.write_cell_json(type_oid, &text, json),
+                CellRef::Value(v) => write_value(json, &v),
+            }
+            Some((start, json.len()))
+        };
         for (t, &slot) in self.traits.iter().zip(&self.trait_slots) {
-            let value = match cell(t.index) {
-                CellRef::Absent => None,
-                CellRef::Null => Some(Value::Null),
-                CellRef::Value(v) => Some(v),
-            };
-            for (slot, pos) in id_positions.iter().enumerate() {
+            let span = write(&mut json, t.type_oid, cell(t.index));
+            for (id, pos) in id_positions.iter().enumerate() {
                 if *pos == Some(t.index) {
-                    seen_ids[slot] = true;
-                    id_values[slot] = value.as_ref().and_then(identifier_text);
+                    seen_ids[id] = true;
+                    id_values[id] = span.and_then(|(s, e)| identifier_text(&json[s..e]));
                 }
             }
-            if let Some(v) = value {
-                values[slot] = Some(v);
+            if let Some(span) = span {
+                spans[slot] = span;
             }
         }
-        for (slot, pos) in id_positions.iter().enumerate() {
-            if let (Some(pos), false) = (pos, seen_ids[slot])
-                && let CellRef::Value(v) = cell(*pos)
-            {
-                id_values[slot] = identifier_text(&v);
+        let mut scratch = Vec::new();
+        for (id, pos) in id_positions.iter().enumerate() {
+            if let (Some(pos), false) = (pos, seen_ids[id]) {
+                scratch.clear();
+                let type_oid = self.type_oid(*pos).unwrap_or(TEXT_OID);
+                id_values[id] = match write(&mut scratch, type_oid, cell(*pos)) {
+                    Some((s, e)) => identifier_text(&scratch[s..e]),
+                    None => None,
+                };
             }
         }
+        // The next row's buffer starts at about this one's size.
+        self.json_hint
+            .store(json.len() + json.len() / 4 + 16, Ordering::Relaxed);
         let [user_id, anonymous_id, email] = id_values;
         let anonymous_id = match (anonymous_id, &user_id, email) {
             (Some(a), _, _) => Some(a),
@@ -534,7 +700,8 @@ impl Projection {
             anonymous_id,
             traits: Traits {
                 keys: Arc::clone(&self.trait_keys),
-                values,
+                json,
+                spans,
             },
         }
     }
@@ -570,7 +737,7 @@ mod tests {
     fn traits_use_trait_keys_and_constants() {
         let p = Projection::resolve(&config(Some(vec!["email", "name"])), "public.users", COLS)
             .expect("resolves");
-        let row = p.project(|i| match i {
+        let row = p.project(&TypeCatalog::builtin(), |i| match i {
             1 => CellRef::Value(Value::String("ann@example.com".into())),
             2 => CellRef::Value(Value::String("Ann".into())),
             3 => CellRef::Value(Value::String("u_1".into())),
@@ -578,9 +745,9 @@ mod tests {
         });
         assert_eq!(row.user_id.as_deref(), Some("u_1"));
         assert_eq!(row.anonymous_id, None);
-        assert_eq!(row.traits["fullName"], "Ann");
-        assert_eq!(row.traits["email"], "ann@example.com");
-        assert_eq!(row.traits["source"], "postgres");
+        assert_eq!(row.traits.get("fullName").expect("trait"), "Ann");
+        assert_eq!(row.traits.get("email").expect("trait"), "ann@example.com");
+        assert_eq!(row.traits.get("source").expect("trait"), "postgres");
         assert!(!row.traits.contains_key("user_id"));
     }
 
@@ -589,7 +756,7 @@ mod tests {
         let p = Projection::resolve(&config(None), "t", COLS).expect("resolves");
         let row = |email: &str| {
             let email = email.to_owned();
-            p.project(move |i| match i {
+            p.project(&TypeCatalog::builtin(), move |i| match i {
                 1 => CellRef::Value(Value::String(email.clone())),
                 _ => CellRef::Null,
             })
@@ -605,13 +772,57 @@ mod tests {
     #[test]
     fn absent_cells_are_left_out_of_traits() {
         let p = Projection::resolve(&config(None), "t", COLS).expect("resolves");
-        let row = p.project(|i| match i {
+        let row = p.project(&TypeCatalog::builtin(), |i| match i {
             3 => CellRef::Value(Value::String("u".into())),
             2 => CellRef::Absent,
             _ => CellRef::Null,
         });
         assert!(!row.traits.contains_key("fullName"));
-        assert_eq!(row.traits["email"], Value::Null);
+        assert_eq!(row.traits.get("email").expect("trait"), Value::Null);
+    }
+
+    /// Text cells are written as the JSON their types map to, straight into the row's buffer;
+    /// the object is what serde_json writes for the same map, and a partial row is filled
+    /// from an earlier one by copying text.
+    #[test]
+    fn traits_hold_json_text_and_merge_partial_rows() {
+        let p = Projection::resolve(&config(None), "t", COLS).expect("resolves");
+        let types = TypeCatalog::builtin();
+        let partial = p.project(&types, |i| match i {
+            0 => CellRef::Text(Cow::Borrowed("7")),
+            1 => CellRef::Text(Cow::Borrowed("a\"b@example.com")),
+            2 => CellRef::Absent,
+            _ => CellRef::Text(Cow::Borrowed("u\t1")),
+        });
+        assert_eq!(partial.user_id.as_deref(), Some("u\t1"));
+        assert!(partial.traits.is_partial());
+        let written = partial.traits.to_json_string();
+        assert_eq!(
+            written,
+            serde_json::to_string(&partial.traits.clone().into_map()).expect("json")
+        );
+        assert_eq!(
+            written,
+            r#"{"id":7,"email":"a\"b@example.com","user_id":"u\t1","source":"postgres"}"#
+        );
+        let earlier = p.project(&types, |i| match i {
+            2 => CellRef::Text(Cow::Borrowed("Ann")),
+            _ => CellRef::Null,
+        });
+        let mut filled = partial.traits.clone();
+        filled.fill_from(&earlier.traits);
+        assert!(!filled.is_partial());
+        assert_eq!(filled.get("fullName"), Some(Value::String("Ann".into())));
+        assert_eq!(filled.get("id"), Some(serde_json::json!(7)));
+        // Another shape (a staged row read back): merged by key, earlier's order first.
+        let staged =
+            Traits::from_map(serde_json::from_str(r#"{"fullName":"Bo","x":1}"#).expect("map"));
+        let mut merged = partial.traits.clone();
+        merged.fill_from(&staged);
+        assert_eq!(
+            merged.to_json_string(),
+            r#"{"fullName":"Bo","x":1,"id":7,"email":"a\"b@example.com","user_id":"u\t1","source":"postgres"}"#
+        );
     }
 
     #[test]
@@ -694,7 +905,7 @@ mod tests {
     #[test]
     fn numeric_identifier_becomes_its_text() {
         let p = Projection::resolve(&config(Some(vec!["email"])), "t", COLS).expect("resolves");
-        let row = p.project(|i| match i {
+        let row = p.project(&TypeCatalog::builtin(), |i| match i {
             3 => CellRef::Value(serde_json::json!(42)),
             _ => CellRef::Null,
         });

@@ -7,8 +7,62 @@ fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("bad test JSON {text}: {e}"))
 }
 
+/// The JSON text of a cell, checked to be the same through the value and the writer.
 fn map(oid: u32, text: &str) -> String {
-    TypeCatalog::builtin().cell_to_json(oid, text).to_string()
+    let catalog = TypeCatalog::builtin();
+    let through_value = catalog.cell_to_json(oid, text).to_string();
+    assert_eq!(
+        written(&catalog, oid, text),
+        through_value,
+        "{oid} {text:?}"
+    );
+    through_value
+}
+
+fn written(catalog: &TypeCatalog, oid: u32, text: &str) -> String {
+    let mut out = Vec::new();
+    catalog.write_cell_json(oid, text, &mut out);
+    String::from_utf8(out).expect("utf-8")
+}
+
+/// Cell texts near and off the forms the fast paths accept.
+fn cell_text() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    prop_oneof![
+        "-?[0-9]{1,25}(\\.[0-9]{0,6})?([eE][-+]?[0-9]{1,4})?",
+        "[-+ 0.]{0,3}[0-9]{0,4}[.eE]?[0-9]{0,3}",
+        "(t|f|true|NaN|-?Infinity|infinity|-0|0|00|-00)",
+        "[0-9]{4}-[0-9]{2}-[0-9]{2}( [0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,6})?)?([-+][0-9]{2}(:[0-9]{2})?)?( BC)?",
+        any::<String>(),
+    ]
+}
+
+proptest::proptest! {
+    /// The writer is the value's serialization for every builtin type and any text.
+    #[test]
+    fn written_cells_are_the_values_serialization(
+        text in cell_text(),
+        special in proptest::sample::select(vec![
+            BOOL, INT2, INT4, INT8, NUMERIC, FLOAT4, FLOAT8, TIMESTAMP, TIMESTAMPTZ, TEXT, OID,
+            JSON, JSONB, 1016, 1231, 1115,
+        ]),
+        pick in 0usize..(BUILTIN_SCALARS.len() + BUILTIN_ARRAYS.len()),
+        any_type in proptest::bool::ANY,
+    ) {
+        let catalog = TypeCatalog::builtin();
+        let oid = if any_type {
+            BUILTIN_SCALARS
+                .get(pick)
+                .copied()
+                .unwrap_or_else(|| BUILTIN_ARRAYS[pick - BUILTIN_SCALARS.len()].0)
+        } else {
+            special
+        };
+        proptest::prop_assert_eq!(
+            written(&catalog, oid, &text),
+            catalog.cell_to_json(oid, &text).to_string()
+        );
+    }
 }
 
 #[test]
