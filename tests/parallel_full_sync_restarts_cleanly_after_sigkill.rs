@@ -7,8 +7,6 @@
 //!
 //! The table has `PARALLEL_FULL_SYNC_ROWS` rows (default 400,000).
 
-use crate::support;
-
 const WORKERS: u16 = 3;
 
 fn row_count() -> i64 {
