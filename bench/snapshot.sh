@@ -15,6 +15,8 @@
 #                        one fsync per 500 events; a bulk deployment sets it higher)
 #   FSYNC=true           destination.fsync of the file sink
 #   LEDGER=true          sync.ledger of the pipeline (the default; false: no ledger writes)
+#   WORKERS=…            sync.snapshot_workers (parallel snapshot readers, 1–16); unset: the
+#                        automatic choice (1 under 64 MiB or 100k rows, else min(cores, 4))
 #   ROUNDS=3             full syncs per size, each by a pipeline of its own, alternating with
 #                        psql; the best round of each is compared, all rounds are printed (the
 #                        machine may be shared: the spread shows the noise)
@@ -34,6 +36,9 @@ ROWS_LIST="${ROWS_LIST:-${ROWS:-1000000}}"
 BATCH_EVENTS="${BATCH_EVENTS:-10000}"
 FSYNC="${FSYNC:-true}"
 LEDGER="${LEDGER:-true}"
+WORKERS="${WORKERS:-}"
+workers_line=""
+[[ -n "$WORKERS" ]] && workers_line="snapshot_workers = $WORKERS"
 ROUNDS="${ROUNDS:-3}"
 
 say() { printf '== %s\n' "$*" >&2; }
@@ -53,7 +58,7 @@ if [[ -n "${SLOTSTREAM_BIN:-}" ]]; then
 else
     say "cargo build --release"
     cargo build --release --quiet
-    bin="$root/target/release/slotstream"
+    bin="${CARGO_TARGET_DIR:-$root/target}/release/slotstream"
 fi
 
 work="$(mktemp -d /tmp/slotstream-bench-snapshot.XXXXXX)"
@@ -123,6 +128,9 @@ SQL
     copy_times=()
     slot_times=()
     cpu_times=()
+    cpu_sums=()
+    loads=()
+    readers=""
     rss_max=0
     for round in $(seq 1 "$ROUNDS"); do
         config="$work/slotstream-$rows-$round.toml"
@@ -142,6 +150,7 @@ publication = "$pub"
 
 [sync]
 ledger = $LEDGER
+$workers_line
 
 [schedule]
 frequency = "realtime"
@@ -169,6 +178,9 @@ TOML
         read -r rss_kib user_secs sys_secs < <(tail -n 1 "$work/rss-$rows-$round")
         ((rss_kib > rss_max)) && rss_max=$rss_kib
         cpu_times+=("$user_secs+$sys_secs")
+        cpu_sums+=("$(echo "$user_secs + $sys_secs" | bc -l)")
+        loads+=("$(cut -d' ' -f1 /proc/loadavg)")
+        readers="$(grep -o 'readers=[0-9]*' "$work/run-$rows-$round.log" | head -n 1 || true)"
         sent="$(wc -l < "$events")"
         if [[ "$sent" -ne "$rows" ]]; then
             echo "warning: $rows rows, round $round: the file sink holds $sent events" >&2
@@ -189,6 +201,10 @@ TOML
         printf '  %-12s %8.2f s  %10.0f rows/s  (best of %d)\n' "slotstream" "$slot_secs" "$slot_rate" "$ROUNDS"
         printf '  ratio slotstream/psql: %.3f  (goal >= 0.8)\n' "$(echo "$slot_rate / $copy_rate" | bc -l)"
         printf '  slotstream peak RSS: %.1f MiB\n' "$(echo "$rss_max / 1024" | bc -l)"
+        printf '  slotstream CPU per million rows (least of the rounds): %.2f s\n' \
+            "$(echo "$(min "${cpu_sums[@]}") * 1000000 / $rows" | bc -l)"
+        printf '  snapshot readers: %s (WORKERS=%s)\n' "${readers:-readers=1}" "${WORKERS:-auto}"
+        printf '  1-minute load average after each round: %s\n' "${loads[*]}"
     } >> "$report"
     pgt_psql -d postgres -c "DROP DATABASE $db" >/dev/null
 done
@@ -197,6 +213,6 @@ printf '\nfull sync benchmark\n'
 printf 'machine: %s, %s CPUs, %s\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
     "$(nproc)" "$("$PGT_BIN/postgres" --version)"
 printf 'load average: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
-printf 'slotstream config: max_batch_events=%s fsync=%s (file sink) ledger=%s, all columns selected\n' \
-    "$BATCH_EVENTS" "$FSYNC" "$LEDGER"
+printf 'slotstream config: max_batch_events=%s fsync=%s (file sink) ledger=%s snapshot_workers=%s, all columns selected\n' \
+    "$BATCH_EVENTS" "$FSYNC" "$LEDGER" "${WORKERS:-auto}"
 cat "$report"

@@ -172,6 +172,7 @@ pub struct RawSync {
     on_truncate: Option<String>,
     history_retention: Option<String>,
     history_keep_runs: Option<u64>,
+    snapshot_workers: Option<i64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -198,6 +199,8 @@ pub struct Config {
     pub on_truncate: OnTruncate,
     /// How much of the sync history (`_rudderstack.cdc_sync_runs`) is kept.
     pub history: SyncHistory,
+    /// `sync.snapshot_workers`: connections that read the full sync's snapshot in parallel.
+    pub snapshot_workers: SnapshotWorkers,
     /// Where events go.
     pub destination: DestinationConfig,
     /// `[metrics]`: the endpoint and the slot's safety thresholds.
@@ -343,6 +346,47 @@ pub enum SyncMode {
     Upsert,
     /// Deletes also become `Record Deleted` track events.
     Mirror,
+}
+
+/// How many connections read a full sync's snapshot (`sync.snapshot_workers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotWorkers {
+    /// Absent: decided per full sync from the table's size and the cores
+    /// ([`SnapshotWorkers::resolve`]).
+    Auto,
+    /// Exactly this many (1..=[`SnapshotWorkers::MAX`]); 1 reads on the control connection.
+    Fixed(u16),
+}
+
+impl SnapshotWorkers {
+    /// The most workers a config may ask for.
+    pub const MAX: u16 = 16;
+    /// Under this relation size (bytes) `Auto` reads with one connection.
+    pub const AUTO_MIN_BYTES: u64 = 64 * 1024 * 1024;
+    /// Under this row estimate `Auto` reads with one connection.
+    pub const AUTO_MIN_ROWS: i64 = 100_000;
+    /// `Auto`'s ceiling, whatever the cores.
+    pub const AUTO_MAX: u16 = 4;
+
+    /// The workers of one full sync of a table of `relation_bytes` and `estimated_rows` (-1:
+    /// never analyzed) on a machine with `cores`: `Fixed(n)` is `n`; `Auto` is 1 for a small
+    /// table (under 64 MiB or under 100,000 estimated rows), else `min(cores, 4)`.
+    pub fn resolve(self, relation_bytes: u64, estimated_rows: i64, cores: usize) -> u16 {
+        match self {
+            SnapshotWorkers::Fixed(n) => n.max(1),
+            SnapshotWorkers::Auto => {
+                let small = relation_bytes < Self::AUTO_MIN_BYTES
+                    || (0..Self::AUTO_MIN_ROWS).contains(&estimated_rows);
+                if small {
+                    1
+                } else {
+                    u16::try_from(cores)
+                        .unwrap_or(u16::MAX)
+                        .clamp(1, Self::AUTO_MAX)
+                }
+            }
+        }
+    }
 }
 
 /// How much of the sync history is kept: a run is deleted once it is older than `retention` or
@@ -532,6 +576,7 @@ impl RawConfig {
             }
         };
         let history = self.sync.history()?;
+        let snapshot_workers = self.sync.snapshot_workers()?;
         let ledger = self.sync.ledger.unwrap_or(true);
         let on_truncate = match self.sync.on_truncate.as_deref() {
             None if sync_mode == SyncMode::Mirror && ledger => OnTruncate::DeleteAll,
@@ -567,6 +612,7 @@ impl RawConfig {
             ledger,
             on_truncate,
             history,
+            snapshot_workers,
             destination,
             metrics,
         })
@@ -845,6 +891,22 @@ impl RawSchedule {
 }
 
 impl RawSync {
+    fn snapshot_workers(&self) -> Result<SnapshotWorkers, ConfigError> {
+        match self.snapshot_workers {
+            None => Ok(SnapshotWorkers::Auto),
+            Some(n) => match u16::try_from(n) {
+                Ok(n) if (1..=SnapshotWorkers::MAX).contains(&n) => Ok(SnapshotWorkers::Fixed(n)),
+                _ => Err(ConfigError::invalid(
+                    "sync.snapshot_workers",
+                    format!(
+                        "is {n}; use a number of connections from 1 to {}, or leave it out to decide from the table's size and the cores",
+                        SnapshotWorkers::MAX
+                    ),
+                )),
+            },
+        }
+    }
+
     fn history(&self) -> Result<SyncHistory, ConfigError> {
         let retention = parse_duration(
             "sync.history_retention",
@@ -923,6 +985,51 @@ type = "stdout"
         assert_eq!(c.history.retention, Duration::from_secs(30 * 86_400));
         assert_eq!(c.history.keep_runs, 10_000);
         assert!(c.mapping.columns.is_none());
+        assert_eq!(c.snapshot_workers, SnapshotWorkers::Auto);
+    }
+
+    #[test]
+    fn snapshot_workers_is_a_count_from_1_to_16() {
+        let with = |value: &str| {
+            parse(
+                &MINIMAL.replacen(
+                    "[destination]",
+                    &format!("[sync]\nsnapshot_workers = {value}\n[destination]"),
+                    1,
+                ),
+                &[],
+            )
+        };
+        for n in [1u16, 3, 16] {
+            assert_eq!(
+                with(&n.to_string()).expect("valid").snapshot_workers,
+                SnapshotWorkers::Fixed(n)
+            );
+        }
+        for bad in ["0", "17", "-2", "99999999999", "\"4\"", "2.5", "true"] {
+            let err = with(bad).expect_err(bad).to_string();
+            assert!(err.contains("snapshot_workers"), "{bad}: {err}");
+        }
+        let err = with("0").expect_err("0").to_string();
+        assert!(err.contains("from 1 to 16"), "{err}");
+        let c = parse(MINIMAL, &[("SLOTSTREAM__SYNC__SNAPSHOT_WORKERS", "4")]).expect("env");
+        assert_eq!(c.snapshot_workers, SnapshotWorkers::Fixed(4));
+    }
+
+    #[test]
+    fn snapshot_workers_auto_follows_table_size_and_cores() {
+        let big = 2 * SnapshotWorkers::AUTO_MIN_BYTES;
+        let auto = SnapshotWorkers::Auto;
+        // Small by size, by rows, or both: one reader.
+        assert_eq!(auto.resolve(1 << 20, 10_000_000, 8), 1);
+        assert_eq!(auto.resolve(big, 50_000, 8), 1);
+        // Never analyzed (-1): the size decides.
+        assert_eq!(auto.resolve(big, -1, 8), 4);
+        assert_eq!(auto.resolve(big, 5_000_000, 2), 2);
+        assert_eq!(auto.resolve(big, 5_000_000, 1), 1);
+        assert_eq!(auto.resolve(big, 5_000_000, 64), 4);
+        // A fixed count is kept whatever the table.
+        assert_eq!(SnapshotWorkers::Fixed(3).resolve(0, 0, 1), 3);
     }
 
     #[test]

@@ -104,7 +104,12 @@ pub struct SyncRun {
     pub coalesced: i64,
     /// Rows whose traits were as last sent (nothing sent).
     pub unchanged: i64,
-    /// Outcome.
+    /// A full sync's `ctid` ranges read to the end (`None` before migration 5 and for other
+    /// kinds).
+    pub ranges_done: Option<i64>,
+    /// A full sync's ranges in all.
+    pub ranges_total: Option<i64>,
+    /// Outcome (`running` while a full sync reads).
     pub status: String,
     /// When it finished.
     pub finished_at: Option<String>,
@@ -165,7 +170,9 @@ pub async fn gather(config: &Config) -> Result<Status, Error> {
                 r#"SELECT kind, start_lsn::text, end_lsn::text, rows, events, status,
                           to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'),
                           coalesce((to_jsonb(r) ->> 'coalesced')::int8, 0),
-                          coalesce((to_jsonb(r) ->> 'unchanged')::int8, 0)
+                          coalesce((to_jsonb(r) ->> 'unchanged')::int8, 0),
+                          (to_jsonb(r) ->> 'ranges_done')::int8,
+                          (to_jsonb(r) ->> 'ranges_total')::int8
                      FROM "_rudderstack".cdc_sync_runs r WHERE pipeline = $1
                     ORDER BY id DESC LIMIT 10"#,
                 &[&config.name],
@@ -183,6 +190,8 @@ pub async fn gather(config: &Config) -> Result<Status, Error> {
                 finished_at: r.get(6),
                 coalesced: r.get(7),
                 unchanged: r.get(8),
+                ranges_done: r.get(9),
+                ranges_total: r.get(10),
             });
         }
         dead_letters = client
@@ -384,8 +393,12 @@ pub async fn run(config: &Config, json: bool) -> Result<(), Error> {
     if !s.recent_runs.is_empty() {
         t.push_str("recent runs:\n");
         for r in &s.recent_runs {
+            let ranges = match (r.ranges_done, r.ranges_total) {
+                (Some(done), Some(total)) => format!("  ranges {done}/{total}"),
+                _ => String::new(),
+            };
             t.push_str(&format!(
-                "  {} {:8} {} → {}  rows {}  events {}  coalesced {}  unchanged {}  {}\n",
+                "  {} {:8} {} → {}  rows {}  events {}  coalesced {}  unchanged {}{ranges}  {}\n",
                 opt(&r.finished_at),
                 r.kind,
                 opt(&r.start_lsn),

@@ -42,7 +42,12 @@ async fn inserts_and_updates_become_identify_events_on_18() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_sync_hands_over_to_the_stream_under_a_concurrent_writer_on_18() {
-    crate::full_sync_is_consistent_with_concurrent_writer::full_sync_is_consistent_with_concurrent_writer_in(pg18(), 100_000).await;
+    crate::full_sync_is_consistent_with_concurrent_writer::full_sync_is_consistent_with_concurrent_writer_in(pg18(), 100_000, Some(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_full_sync_hands_over_to_the_stream_under_a_concurrent_writer_on_18() {
+    crate::parallel_full_sync_is_consistent_with_concurrent_writer::parallel_full_sync_is_consistent_with_concurrent_writer_in(pg18(), 200_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

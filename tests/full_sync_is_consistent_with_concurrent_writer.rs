@@ -140,16 +140,23 @@ async fn writer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_sync_is_consistent_with_concurrent_writer() {
-    full_sync_is_consistent_with_concurrent_writer_in(support::cluster(), row_count()).await;
+    full_sync_is_consistent_with_concurrent_writer_in(support::cluster(), row_count(), Some(1))
+        .await;
 }
 
-/// The scenario on `cluster` with a table of `rows` rows (also run on PostgreSQL 18 by
-/// `core_on_postgres_18`).
+/// The scenario on `cluster` with a table of `rows` rows, read by `workers` snapshot readers
+/// (`None`: the automatic choice). Also run on PostgreSQL 18 by `core_on_postgres_18`, and with
+/// parallel readers by `parallel_full_sync_is_consistent_with_concurrent_writer`.
 pub async fn full_sync_is_consistent_with_concurrent_writer_in(
     cluster: &'static support::Cluster,
     rows: i64,
-) {
-    let fx = users_fixture_at(cluster, TABLE, "[sync]\nmode = \"mirror\"\n", None).await;
+    workers: Option<u16>,
+) -> support::Fixture {
+    let extra = match workers {
+        Some(n) => format!("[sync]\nmode = \"mirror\"\nsnapshot_workers = {n}\n"),
+        None => "[sync]\nmode = \"mirror\"\n".to_owned(),
+    };
+    let fx = users_fixture_at(cluster, TABLE, &extra, None).await;
     let admin = fx.db.connect().await;
     let t = Instant::now();
     admin
@@ -300,4 +307,5 @@ pub async fn full_sync_is_consistent_with_concurrent_writer_in(
         !log.contains("ERROR") && !log.contains("WARN pipeline failed"),
         "{log}"
     );
+    fx
 }

@@ -49,8 +49,22 @@ async fn full_sync_lsn(client: &tokio_postgres::Client, pipeline: &str) -> Optio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_sync_restarts_cleanly_after_sigkill() {
-    let rows = row_count();
-    let fx = users_fixture(TABLE, "[sync]\nmode = \"mirror\"\n", None).await;
+    full_sync_restarts_cleanly_after_sigkill_with(row_count(), 1).await;
+}
+
+/// The scenario with a table of `rows` rows read by `workers` snapshot readers (also run with
+/// parallel readers by `parallel_full_sync_restarts_cleanly_after_sigkill`). Returns the
+/// fixture and the log of the killed run, for the caller's own checks.
+pub async fn full_sync_restarts_cleanly_after_sigkill_with(
+    rows: i64,
+    workers: u16,
+) -> (support::Fixture, String) {
+    let fx = users_fixture(
+        TABLE,
+        &format!("[sync]\nmode = \"mirror\"\nsnapshot_workers = {workers}\n"),
+        None,
+    )
+    .await;
     let admin = fx.db.connect().await;
     admin
         .batch_execute(&format!(
@@ -75,6 +89,7 @@ async fn full_sync_restarts_cleanly_after_sigkill() {
     .await;
     sigkill(&child);
     child.wait().expect("wait for the killed run");
+    let killed_log = fx.run_log();
     let killed_at = fx.event_lines();
     assert!(
         killed_at < rows as usize,
@@ -226,4 +241,5 @@ async fn full_sync_restarts_cleanly_after_sigkill() {
     // The complete, correct result: the state rebuilt from every event equals the table.
     let table = table_state(&admin, "public.users", "user_id", None).await;
     assert_same_state(&fold_events(&events), &table);
+    (fx, killed_log)
 }

@@ -75,9 +75,12 @@ impl MemoryPlan {
     }
 }
 
-/// A byte budget shared by one taker, the reader, and one giver, the deliverer.
+/// A byte budget shared by its takers (the reader, or a parallel full sync's workers) and one
+/// giver, the deliverer.
 ///
-/// Taking never fails and never drops: a request larger than the budget is cut down to the
+/// Takers that have to wait take turns (first come, first served): one at a time registers
+/// what it wants, so a give-back always wakes the one that waits, and the deliverer's
+/// starvation signal speaks for it. Taking never fails and never drops: a request larger than the budget is cut down to the
 /// whole budget, so the item waits until everything else is given back and then passes alone.
 #[derive(Debug)]
 pub struct MemoryBudget {
@@ -91,6 +94,8 @@ pub struct MemoryBudget {
     freed: Notify,
     /// Wakes the deliverer when the reader starts waiting.
     starving: Notify,
+    /// The turn of the taker that waits (the others wait for it, in order).
+    turn: tokio::sync::Mutex<()>,
 }
 
 impl MemoryBudget {
@@ -103,6 +108,7 @@ impl MemoryBudget {
             wanted: AtomicU64::new(0),
             freed: Notify::new(),
             starving: Notify::new(),
+            turn: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -122,6 +128,8 @@ impl MemoryBudget {
     /// deliverer is told (see [`MemoryBudget::starved`]) so that it delivers what it holds.
     pub async fn take(&self, bytes: u64) -> u64 {
         let n = bytes.min(self.capacity);
+        // Cancel-safe: a dropped wait gives up its turn and has taken nothing.
+        let _turn = self.turn.lock().await;
         loop {
             if let Some(taken) = self.try_take(n) {
                 self.wanted.store(0, Ordering::Release);
@@ -173,6 +181,7 @@ impl MemoryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn the_plan_splits_the_limit_and_sizes_the_replication_buffer() {
@@ -209,5 +218,35 @@ mod tests {
         assert_eq!(budget.available(), 0);
         budget.give_back(100);
         assert_eq!(budget.available(), 100);
+    }
+
+    #[tokio::test]
+    async fn several_waiting_takers_are_each_served_in_turn() {
+        // A parallel full sync's workers share the budget: each give-back must reach a taker
+        // still waiting, not only the first one that registered.
+        let budget = MemoryBudget::new(90);
+        assert_eq!(budget.try_take(90), Some(90));
+        let mut takers: Vec<_> = (0..3)
+            .map(|_| {
+                let budget = budget.clone();
+                tokio::spawn(async move { budget.take(30).await })
+            })
+            .collect();
+        budget.starved().await;
+        for _ in 0..3 {
+            budget.give_back(30);
+            let served = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if let Some(i) = takers.iter().position(|t| t.is_finished()) {
+                        return takers.swap_remove(i).await.expect("taker");
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("a give-back serves a waiting taker");
+            assert_eq!(served, 30);
+        }
+        assert_eq!(budget.available(), 0);
     }
 }

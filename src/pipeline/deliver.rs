@@ -246,6 +246,20 @@ impl Deliverer {
                 }
                 self.idle_candidate = Some(wal_end);
             }
+            Item::SyncProgress {
+                rows,
+                ranges_done,
+                ranges_total,
+            } => {
+                state::record_full_sync_progress(
+                    &self.control,
+                    &self.pipeline,
+                    rows,
+                    ranges_done,
+                    ranges_total,
+                )
+                .await?;
+            }
             Item::SnapshotDone { lsn, rows } => {
                 self.flush(sink).await?;
                 if let Some(filler) = self.filler.take() {

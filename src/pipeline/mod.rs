@@ -129,6 +129,15 @@ pub enum Item {
     },
     /// A keepalive outside any transaction: every commit before `wal_end` has been sent.
     Idle(Lsn),
+    /// How far the full sync's read is (every few seconds): recorded in its sync run's row.
+    SyncProgress {
+        /// Rows read so far.
+        rows: i64,
+        /// Ranges read to the end.
+        ranges_done: i64,
+        /// Ranges in all.
+        ranges_total: i64,
+    },
     /// The full sync read its last row.
     SnapshotDone {
         /// The snapshot's position: the stream resumes here.
@@ -141,6 +150,11 @@ pub enum Item {
 impl Item {
     /// Estimated memory the item holds while in flight: what it takes from the memory budget.
     fn budget_bytes(&self) -> u64 {
+        if matches!(self, Item::SyncProgress { .. }) {
+            // Sent beside a running read, which may hold the budget: it must never wait for
+            // it (a few per minute, in chunks of one).
+            return 0;
+        }
         let slot = std::mem::size_of::<(Item, u64)>() as u64;
         slot + match self {
             Item::Row(r) => r.bytes(),
@@ -149,7 +163,10 @@ impl Item {
                 (std::mem::size_of::<DeadLetter>() + d.reason.len()) as u64
                     + batch::value_bytes(&d.payload)
             }
-            Item::Commit { .. } | Item::Idle(_) | Item::SnapshotDone { .. } => 0,
+            Item::Commit { .. }
+            | Item::Idle(_)
+            | Item::SyncProgress { .. }
+            | Item::SnapshotDone { .. } => 0,
         }
     }
 }

@@ -145,6 +145,16 @@ CREATE TABLE "_rudderstack".cdc_window_stage (
 );
 "#,
     ),
+    (
+        5,
+        // A full sync's run is recorded when it starts ('running') and follows its read: rows
+        // and the ctid ranges read of all (see `record_full_sync_progress`).
+        r#"
+ALTER TABLE "_rudderstack".cdc_sync_runs
+    ADD COLUMN ranges_done  integer,
+    ADD COLUMN ranges_total integer;
+"#,
+    ),
 ];
 
 /// Where the first full sync stands.
@@ -420,14 +430,27 @@ pub async fn begin_full_sync(
     new_slot: bool,
     table: &FollowedTable<'_>,
 ) -> Result<(), PgError> {
+    // One statement, so one transaction: the checkpoint says `running` exactly when a
+    // `running` snapshot run exists. A run left `running` by a full sync that never finished
+    // (killed, or its session lost) is marked failed: this one replaces it.
     client
         .execute(
-            r#"UPDATE "_rudderstack".cdc_checkpoints
-                  SET full_sync_state = 'running', full_sync_lsn = $2, full_sync_rows = 0,
-                      mapping_hash = $3, lsn = CASE WHEN $4 THEN $2 ELSE lsn END,
-                      full_sync_generation = $5, resync_requested = false, schema_name = $6,
-                      table_name = $7, table_oid = $8, identifier_columns = $9, updated_at = now()
-                WHERE pipeline = $1"#,
+            r#"WITH checkpoint AS (
+                   UPDATE "_rudderstack".cdc_checkpoints
+                      SET full_sync_state = 'running', full_sync_lsn = $2, full_sync_rows = 0,
+                          mapping_hash = $3, lsn = CASE WHEN $4 THEN $2 ELSE lsn END,
+                          full_sync_generation = $5, resync_requested = false, schema_name = $6,
+                          table_name = $7, table_oid = $8, identifier_columns = $9,
+                          updated_at = now()
+                    WHERE pipeline = $1
+                   RETURNING pipeline),
+               interrupted AS (
+                   UPDATE "_rudderstack".cdc_sync_runs
+                      SET status = 'failed', finished_at = now(),
+                          error = 'the full sync did not finish; a later one replaced it'
+                    WHERE pipeline = $1 AND kind = 'snapshot' AND status = 'running')
+               INSERT INTO "_rudderstack".cdc_sync_runs (pipeline, kind, start_lsn, status)
+               SELECT pipeline, 'snapshot', $2, 'running' FROM checkpoint"#,
             &[
                 &pipeline,
                 &lsn_param(snapshot_lsn),
@@ -442,6 +465,28 @@ pub async fn begin_full_sync(
         )
         .await
         .map_err(|e| PgError::query("recording the start of the full sync", e))?;
+    Ok(())
+}
+
+/// Records how far the running full sync's read is in its sync run: rows read, and the
+/// `ctid` ranges read of all. Written every few seconds, not per row.
+pub async fn record_full_sync_progress(
+    client: &Client,
+    pipeline: &str,
+    rows: i64,
+    ranges_done: i64,
+    ranges_total: i64,
+) -> Result<(), PgError> {
+    let clamp = |n: i64| i32::try_from(n).unwrap_or(i32::MAX);
+    client
+        .execute(
+            r#"UPDATE "_rudderstack".cdc_sync_runs
+                  SET rows = $2, ranges_done = $3, ranges_total = $4
+                WHERE pipeline = $1 AND kind = 'snapshot' AND status = 'running'"#,
+            &[&pipeline, &rows, &clamp(ranges_done), &clamp(ranges_total)],
+        )
+        .await
+        .map_err(|e| PgError::query("recording the full sync's progress", e))?;
     Ok(())
 }
 
@@ -578,6 +623,29 @@ pub async fn commit_checkpoint(
         )
         .await
         .map_err(|e| PgError::query("counting the window's rows", e))?;
+    } else if c.kind == "snapshot"
+        && tx
+            .execute(
+                r#"UPDATE "_rudderstack".cdc_sync_runs
+                      SET start_lsn = $2, end_lsn = $3, rows = $4, events = $5,
+                          dead_letters = $6, unchanged = $7, status = 'succeeded',
+                          finished_at = now()
+                    WHERE pipeline = $1 AND kind = 'snapshot' AND status = 'running'"#,
+                &[
+                    &pipeline,
+                    &lsn_param(c.from),
+                    &lsn_param(c.to),
+                    &c.rows,
+                    &c.events,
+                    &dead,
+                    &c.unchanged,
+                ],
+            )
+            .await
+            .map_err(|e| PgError::query("recording the full sync's run", e))?
+            > 0
+    {
+        // The full sync's run, recorded when it started, is complete.
     } else if c.rows > 0 || c.events > 0 || dead > 0 || c.unchanged > 0 {
         tx.execute(
             r#"INSERT INTO "_rudderstack".cdc_sync_runs

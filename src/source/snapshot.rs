@@ -28,7 +28,10 @@ use crate::transform::{ProjectedRow, Projection};
 #[derive(Debug, Clone)]
 pub struct SnapshotQuery {
     select: Vec<String>,
+    /// The quoted table name.
     from: String,
+    /// The mapping's row filter, if any.
+    filter: Option<String>,
     /// Table column position → position in the selected row (`usize::MAX`: not selected).
     position: Vec<usize>,
     key_start: usize,
@@ -67,16 +70,10 @@ impl SnapshotQuery {
                 *p = pos;
             }
         }
-        let from = match filter {
-            Some(f) => format!(
-                "{} WHERE ({f})",
-                quote_qualified(&table.schema, &table.name)
-            ),
-            None => quote_qualified(&table.schema, &table.name),
-        };
         SnapshotQuery {
             select,
-            from,
+            from: quote_qualified(&table.schema, &table.name),
+            filter: filter.map(str::to_owned),
             position,
             key_start,
             row_key,
@@ -96,17 +93,40 @@ impl SnapshotQuery {
 
     /// `SELECT … FROM … [WHERE …] [LIMIT n]`.
     pub fn select_sql(&self, limit: Option<u32>) -> String {
-        let limit = limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default();
-        format!(
-            "SELECT {} FROM {}{limit}",
-            self.select.join(", "),
-            self.from
-        )
+        self.select_range_sql(None, limit)
+    }
+
+    /// `SELECT … FROM … [WHERE (filter) AND ctid range] [LIMIT n]`.
+    fn select_range_sql(&self, range: Option<&TidRange>, limit: Option<u32>) -> String {
+        let mut conditions: Vec<String> = Vec::new();
+        if let Some(f) = &self.filter {
+            conditions.push(format!("({f})"));
+        }
+        if let Some(range) = range {
+            conditions.extend(range.conditions());
+        }
+        let mut sql = format!("SELECT {} FROM {}", self.select.join(", "), self.from);
+        if !conditions.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conditions.join(" AND "));
+        }
+        if let Some(n) = limit {
+            sql.push_str(&format!(" LIMIT {n}"));
+        }
+        sql
     }
 
     /// `COPY (SELECT …) TO STDOUT` (text format).
     pub fn copy_sql(&self) -> String {
         format!("COPY ({}) TO STDOUT", self.select_sql(None))
+    }
+
+    /// `COPY (SELECT … WHERE ctid in range) TO STDOUT`: one range of a parallel full sync.
+    pub fn copy_range_sql(&self, range: &TidRange) -> String {
+        format!(
+            "COPY ({}) TO STDOUT",
+            self.select_range_sql(Some(range), None)
+        )
     }
 
     /// Projects one selected row; returns the row and its key as JSON text (an array of the
@@ -126,6 +146,47 @@ impl SnapshotQuery {
             _ => CellRef::Absent,
         });
         (projected, key_text(row, self.key_start))
+    }
+}
+
+/// A range of heap pages, `[start, end)`, read by one COPY of a parallel full sync: the rows
+/// whose `ctid` lies in it (PostgreSQL 14's TID Range Scan reads only those pages). `None` is
+/// unbounded on that side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TidRange {
+    /// First page, or from the table's start.
+    pub start: Option<u64>,
+    /// The page after the last, or to the table's end (whatever its size by then).
+    pub end: Option<u64>,
+}
+
+impl TidRange {
+    /// The `WHERE` conditions (none for the whole table). Item offsets start at 1, so
+    /// `(page,0)` lies before every row of `page`.
+    fn conditions(&self) -> Vec<String> {
+        let mut c = Vec::new();
+        if let Some(start) = self.start {
+            c.push(format!("ctid >= '({start},0)'::tid"));
+        }
+        if let Some(end) = self.end {
+            c.push(format!("ctid < '({end},0)'::tid"));
+        }
+        c
+    }
+
+    /// `pages` (the heap's size when measured) cut into `count` ranges (at least one) of about
+    /// equal size, in page order. The first starts at the table's start and the last is
+    /// open-ended, and each starts where the one before ends: every row, on whatever page,
+    /// lies in exactly one of them (pages added after `pages` was measured fall in the last).
+    pub fn split(pages: u64, count: u64) -> Vec<TidRange> {
+        let count = count.clamp(1, pages.max(1));
+        let bound = |i: u64| (u128::from(pages) * u128::from(i) / u128::from(count)) as u64;
+        (0..count)
+            .map(|i| TidRange {
+                start: (i > 0).then(|| bound(i)),
+                end: (i + 1 < count).then(|| bound(i + 1)),
+            })
+            .collect()
     }
 }
 
@@ -417,6 +478,80 @@ mod tests {
         assert_eq!(
             id,
             snapshot_row_message_id_of_json("p", 3, "[\"1\"]", json.as_bytes())
+        );
+    }
+
+    #[test]
+    fn tid_ranges_cover_every_page_once_and_the_last_is_open_ended() {
+        for (pages, count) in [(0u64, 4u64), (1, 4), (7, 3), (1000, 12), (10, 10), (5, 40)] {
+            let ranges = TidRange::split(pages, count);
+            assert!(!ranges.is_empty() && ranges.len() as u64 <= count.max(1));
+            assert_eq!(
+                ranges.first().and_then(|r| r.start),
+                None,
+                "{pages}/{count}"
+            );
+            assert_eq!(ranges.last().and_then(|r| r.end), None, "{pages}/{count}");
+            for pair in ranges.windows(2) {
+                let (end, start) = (
+                    pair[0].end.expect("bounded"),
+                    pair[1].start.expect("bounded"),
+                );
+                assert_eq!(end, start, "contiguous: {ranges:?}");
+                assert!(pair[0].start.unwrap_or(0) < end, "not empty: {ranges:?}");
+            }
+        }
+        assert_eq!(
+            TidRange::split(100, 1),
+            vec![TidRange {
+                start: None,
+                end: None
+            }]
+        );
+    }
+
+    #[test]
+    fn range_copy_keeps_the_row_filter() {
+        let range = TidRange {
+            start: Some(10),
+            end: Some(20),
+        };
+        assert_eq!(
+            range.conditions(),
+            vec!["ctid >= '(10,0)'::tid", "ctid < '(20,0)'::tid"]
+        );
+        let open = TidRange {
+            start: Some(20),
+            end: None,
+        };
+        assert_eq!(open.conditions(), vec!["ctid >= '(20,0)'::tid"]);
+        let query = SnapshotQuery {
+            select: vec!["\"email\"".into(), "\"id\"".into()],
+            from: "\"public\".\"users\"".into(),
+            filter: Some("deleted_at IS NULL OR plan = 'x'".into()),
+            position: vec![0],
+            key_start: 1,
+            row_key: true,
+        };
+        assert_eq!(
+            query.copy_range_sql(&range),
+            "COPY (SELECT \"email\", \"id\" FROM \"public\".\"users\" WHERE (deleted_at IS NULL OR plan = 'x') AND ctid >= '(10,0)'::tid AND ctid < '(20,0)'::tid) TO STDOUT"
+        );
+        assert_eq!(
+            query.copy_sql(),
+            "COPY (SELECT \"email\", \"id\" FROM \"public\".\"users\" WHERE (deleted_at IS NULL OR plan = 'x')) TO STDOUT"
+        );
+        let unfiltered = SnapshotQuery {
+            filter: None,
+            ..query
+        };
+        assert_eq!(
+            unfiltered.copy_range_sql(&open),
+            "COPY (SELECT \"email\", \"id\" FROM \"public\".\"users\" WHERE ctid >= '(20,0)'::tid) TO STDOUT"
+        );
+        assert_eq!(
+            unfiltered.select_sql(Some(5)),
+            "SELECT \"email\", \"id\" FROM \"public\".\"users\" LIMIT 5"
         );
     }
 
