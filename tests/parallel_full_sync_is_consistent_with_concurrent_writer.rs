@@ -11,9 +11,11 @@
 
 use crate::support;
 
-const WORKERS: u16 = 3;
+/// Readers of the parallel scenarios (also `parallel_full_sync_restarts_cleanly_after_sigkill`).
+pub const WORKERS: u16 = 3;
 
-fn row_count() -> i64 {
+/// Rows of the parallel scenarios' table.
+pub fn row_count() -> i64 {
     std::env::var("PARALLEL_FULL_SYNC_ROWS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -7,14 +7,7 @@
 //!
 //! The table has `PARALLEL_FULL_SYNC_ROWS` rows (default 400,000).
 
-const WORKERS: u16 = 3;
-
-fn row_count() -> i64 {
-    std::env::var("PARALLEL_FULL_SYNC_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(400_000)
-}
+use crate::parallel_full_sync_is_consistent_with_concurrent_writer::{WORKERS, row_count};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_full_sync_restarts_cleanly_after_sigkill() {

@@ -342,6 +342,7 @@ impl TypeCatalog {
                 Some(d) if is_plain_decimal(&d, true) => out.extend_from_slice(d.as_bytes()),
                 _ => write_value(out, &self.render(type_oid, text, 0)),
             },
+            Some(TypeShape::Jsonb) if write_compact_jsonb(text, out) => {}
             Some(TypeShape::Timestamp) => write_iso_timestamp(text, false, out),
             Some(TypeShape::TimestampTz) => write_iso_timestamp(text, true, out),
             Some(_) => write_value(out, &self.render(type_oid, text, 0)),
@@ -593,6 +594,79 @@ fn is_plain_decimal(text: &str, fraction: bool) -> bool {
         [b'.', rest @ ..] => fraction && !rest.is_empty() && rest.iter().all(u8::is_ascii_digit),
         _ => false,
     }
+}
+
+/// Nesting of a jsonb document beyond which [`write_compact_jsonb`] leaves it to the value
+/// (well under serde_json's recursion limit, which makes deeper documents a text string).
+const MAX_JSONB_DEPTH: usize = 64;
+
+/// Writes jsonb's text output compact, as serializing its parsed value gives: jsonb prints
+/// `", "` and `": "` between members, and otherwise already writes what serde_json writes (keys
+/// unique and in jsonb order, numbers as numeric_out prints them, the same string escapes:
+/// `\" \\ \b \f \n \r \t` and `\u00xx` for other control characters). So the
+/// whitespace outside strings is dropped and the document is copied, without building a
+/// value. Returns `false`, having written nothing, for text that is not in that form (other
+/// escapes, deeper than [`MAX_JSONB_DEPTH`], not JSON): the value path decides then.
+fn write_compact_jsonb(text: &str, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    let b = text.as_bytes();
+    let (mut i, mut copied, mut depth) = (0, 0, 0usize);
+    let give_up = |out: &mut Vec<u8>| {
+        out.truncate(start);
+        false
+    };
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return give_up(out),
+                        Some(b'"') => break,
+                        Some(b'\\') => match b.get(i + 1) {
+                            Some(b'"' | b'\\' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+                            Some(b'u') => match b.get(i + 2..i + 6) {
+                                Some([b'0', b'0', hi @ (b'0' | b'1'), lo])
+                                    if lo.is_ascii_digit() || (b'a'..=b'f').contains(lo) =>
+                                {
+                                    // Short forms exist for these: jsonb uses them.
+                                    let short = *hi == b'0'
+                                        && matches!(lo, b'8' | b'9' | b'a' | b'c' | b'd');
+                                    if short {
+                                        return give_up(out);
+                                    }
+                                    i += 6;
+                                }
+                                _ => return give_up(out),
+                            },
+                            _ => return give_up(out),
+                        },
+                        Some(c) if *c < 0x20 => return give_up(out),
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_JSONB_DEPTH {
+                    return give_up(out);
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b' ' | b'\t' | b'\n' | b'\r' => {
+                out.extend_from_slice(&b[copied..i]);
+                copied = i + 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out.extend_from_slice(&b[copied..]);
+    // Valid JSON, checked without building it.
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&out[start..]).is_err() {
+        return give_up(out);
+    }
+    true
 }
 
 /// [`iso_timestamp`] written as a JSON string into `out`.

@@ -37,6 +37,21 @@ fn cell_text() -> impl proptest::strategy::Strategy<Value = String> {
     ]
 }
 
+/// jsonb's output is copied without its spaces; text in another form goes through the value.
+#[test]
+fn jsonb_output_is_made_compact_without_a_value() {
+    let doc = r#"{"a": 1.50, "bb": [true, null, "x\"y\u001f\n"], "ccc": {"d": -0.5}}"#;
+    assert_eq!(
+        map(JSONB, doc),
+        r#"{"a":1.50,"bb":[true,null,"x\"y\u001f\n"],"ccc":{"d":-0.5}}"#
+    );
+    // Escapes jsonb never writes, and text that is not JSON.
+    assert_eq!(map(JSONB, r#"["\u0041", "\u000a"]"#), r#"["A","\n"]"#);
+    assert_eq!(map(JSONB, "{\"a\": "), r#""{\"a\": ""#);
+    let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+    assert_eq!(map(JSONB, &deep), deep);
+}
+
 proptest::proptest! {
     /// The writer is the value's serialization for every builtin type and any text.
     #[test]

@@ -18,6 +18,10 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::postgres::{PgError, quote_qualified};
 
+/// Reads of the publication before a failure is believed even if it keeps changing (DDL
+/// racing every read).
+const MAX_READS: u32 = 5;
+
 /// The publication requirements of one pipeline, prepared once per session.
 #[derive(Debug, Clone)]
 pub struct Verifier {
@@ -78,11 +82,16 @@ impl Verifier {
     /// publication withheld may be missing at the destination). Plain queries only: `client`
     /// may be inside a transaction.
     pub async fn verify(&self, client: &Client, advise_resync: bool) -> Result<(), Error> {
-        // The table's name and the publication are read by separate queries: a rename
-        // committed between them would look like a table gone from the publication, so a
-        // failure is believed only when the name did not change meanwhile.
+        // The table's name, its columns and the publication are read by separate queries: a
+        // table or column renamed between them would look like a table or column gone from
+        // the publication. So a failure is believed only when the name did not change
+        // meanwhile and a fresh read fails the same way (a column renamed by the writer is
+        // then reported by the stream as the rename it is, not as a publication to fix).
         let mut name = self.current_name(client).await?;
+        let mut earlier_failure: Option<String> = None;
+        let mut reads = 0;
         let report = loop {
+            reads += 1;
             let config = match &name {
                 Some((schema, table)) => {
                     let mut config = self.config.clone();
@@ -101,13 +110,20 @@ impl Verifier {
             };
             let mut report = Report::default();
             requirements.evaluate(&facts, &mut report);
-            if report.results.iter().all(|r| r.outcome != Outcome::Fail) {
+            let Some(failure) = report
+                .results
+                .iter()
+                .find(|r| r.outcome == Outcome::Fail)
+                .map(|r| r.message.clone())
+            else {
                 return Ok(());
-            }
+            };
             let now = self.current_name(client).await?;
-            if now == name {
+            let repeated = earlier_failure.as_ref() == Some(&failure);
+            if now == name && (repeated || reads >= MAX_READS) {
                 break report;
             }
+            earlier_failure = (now == name).then_some(failure);
             name = now;
         };
         let mut failures = report
