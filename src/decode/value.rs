@@ -653,6 +653,9 @@ fn write_compact_jsonb(text: &str, out: &mut Vec<u8>) -> bool {
                 }
             }
             b'}' | b']' => depth = depth.saturating_sub(1),
+            // An exponent (numeric_out never writes one): serde_json rewrites it.
+            b'E' => return give_up(out),
+            b'e' if i > 0 && b[i - 1].is_ascii_digit() => return give_up(out),
             b' ' | b'\t' | b'\n' | b'\r' => {
                 out.extend_from_slice(&b[copied..i]);
                 copied = i + 1;
@@ -662,8 +665,8 @@ fn write_compact_jsonb(text: &str, out: &mut Vec<u8>) -> bool {
         i += 1;
     }
     out.extend_from_slice(&b[copied..]);
-    // Valid JSON, checked without building it.
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&out[start..]).is_err() {
+    // Valid JSON as it came (dropping spaces could join tokens), checked without building it.
+    if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
         return give_up(out);
     }
     true
