@@ -812,17 +812,13 @@ impl Fixture {
     }
 
     /// The stored checkpoint LSN and the slot's confirmed_flush_lsn, as u64.
+    ///
+    /// The slot is read first: the checkpoint only moves forward and is stored before the slot
+    /// is confirmed, so `confirmed <= checkpoint` holds for the pair whenever it holds at all
+    /// times (read the other way round, a checkpoint written between the two reads would make
+    /// the slot look ahead of it).
     pub async fn positions(&self) -> (Option<u64>, Option<u64>) {
         let c = self.db.connect().await;
-        let checkpoint = c
-            .query_opt(
-                r#"SELECT (lsn - '0/0')::int8 FROM "_rudderstack".cdc_checkpoints WHERE pipeline = $1"#,
-                &[&self.name],
-            )
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.get::<_, i64>(0) as u64);
         let confirmed = c
             .query_opt(
                 "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots WHERE slot_name = $1",
@@ -833,6 +829,15 @@ impl Fixture {
             .flatten()
             .and_then(|r| r.get::<_, Option<i64>>(0))
             .map(|v| v as u64);
+        let checkpoint = c
+            .query_opt(
+                r#"SELECT (lsn - '0/0')::int8 FROM "_rudderstack".cdc_checkpoints WHERE pipeline = $1"#,
+                &[&self.name],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get::<_, i64>(0) as u64);
         (checkpoint, confirmed)
     }
 }
