@@ -321,8 +321,9 @@ impl<'a> ChangeMapper<'a> {
         {
             return Ok(Mapped::Skip);
         }
-        let rel = self.relations.shape_for(rel_id, &tuple)?;
-        let projected = project_tuple(&ours.projection, &tuple, rel, types);
+        // Checks the tuple against its relation's shape (the projection was resolved from it).
+        self.relations.shape_for(rel_id, &tuple)?;
+        let projected = project_tuple(&ours.projection, &tuple, types);
         let (commit_lsn, ordinal) = (txn.commit_lsn, txn.ordinal);
         let pipeline = &self.config.name;
         let message_id = stream_message_id(pipeline, commit_lsn, ordinal);
@@ -543,15 +544,13 @@ pub(super) fn row_item(
     Item::Row(Row::plain(event))
 }
 
-/// Projects a pgoutput tuple through `projection`.
+/// Projects a pgoutput tuple through `projection` (resolved from the tuple's relation: it
+/// knows the columns' types).
 pub(super) fn project_tuple(
     projection: &Projection,
     tuple: &TupleData,
-    rel: &RelationBody,
     types: &TypeCatalog,
 ) -> ProjectedRow {
-    // The projection was resolved from `rel`'s columns: it knows their types.
-    let _ = rel;
     projection.project(types, |i| match tuple.cells.get(i) {
         Some(Cell::Null) => CellRef::Null,
         Some(Cell::UnchangedToast) | None => CellRef::Absent,
